@@ -1,0 +1,54 @@
+"""Build script for upi_fast.
+
+``pip install -e .`` installs the Python package (``upi_fast``, with ``kernels/`` as
+``upi_fast.kernels`` and ``bench/`` as ``upi_fast.bench``). The optional C++/CUDA extension
+``upi_fast._C`` is described in ``csrc/`` and built by :func:`cuda_extensions`.
+"""
+import os
+import re
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version() -> str:
+    with open(os.path.join(HERE, "upi_fast", "_version.py")) as fh:
+        return re.search(r'__version__ = "([^"]+)"', fh.read()).group(1)
+
+
+def cuda_extensions():
+    """The C++/CUDA extension, or nothing (see csrc/README and setup_cuda.py)."""
+    path = os.path.join(HERE, "setup_cuda.py")
+    if not os.path.exists(path):
+        return [], {}
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("setup_cuda", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.extensions()
+
+
+ext_modules, cmdclass = cuda_extensions()
+
+setup(
+    name="upi_fast",
+    version=_version(),
+    description="Universal Perturbations for Interpretation (UPI) with fused GPU kernels",
+    long_description=open(os.path.join(HERE, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["upi_fast", "upi_fast.ops", "upi_fast.solvers", "upi_fast.linalg",
+              "upi_fast.kernels", "upi_fast.bench", "upi_fast.bench.suites"],
+    package_dir={"upi_fast": "upi_fast", "upi_fast.kernels": "kernels", "upi_fast.bench": "bench",
+                 "upi_fast.bench.suites": "bench/suites"},
+    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "scikit-learn", "matplotlib"],
+    extras_require={
+        "dev": ["pytest", "hypothesis", "torchvision", "build"],
+        "vision": ["torchvision"],
+    },
+    entry_points={"console_scripts": ["upi-fast=upi_fast.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)

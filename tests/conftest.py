@@ -1,0 +1,33 @@
+"""Test configuration.
+
+``TRITON_INTERPRET=1`` must be set before any Triton kernel module is imported, so that the
+Triton kernels run on CPU tensors in CI; it is set here, at the top, before anything imports
+``upi_fast.kernels``.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("UPI_FAST_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "upi_fast"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_backend():
+    """Each test starts from seed 0 and the automatic backend."""
+    import upi_fast.ops as ops
+    torch.manual_seed(0)
+    before = ops.get_backend()
+    yield
+    if ops.get_backend() != before:
+        ops.set_backend(before)

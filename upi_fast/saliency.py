@@ -1,0 +1,191 @@
+"""Gradient-based interpretation maps I(x), batched and differentiable with respect to x.
+
+Units: ``x`` is in the model's own input units (after any preprocessing), shape (B, C, H, W).
+The gradient target is the softmax probability of the label (``target_kind="prob"``, the default
+and the authors' choice) or its logit (``"logit"``). Methods:
+
+* ``simple``:     ``g(x) = grad_x target(x)``;
+* ``integrated``: ``(1/M) sum_{k=0}^{M-1} grad target(b + k/(M-1) (x - b))``, M = ``steps``,
+  baseline ``b`` (default: zeros in model units; pass the black image of your preprocessing), and
+  with ``multiply_by_input`` the standard integrated gradients ``(x - b) * average``;
+* ``smoothgrad``: mean of ``g(x + n)`` over ``n_samples`` draws ``n ~ N(0, noise_std^2 I)``.
+
+Post-processing ``abs_sum_l1`` (default): ``S = sum_c |g_c|``, ``I = S / ||S||_1`` (an H*W map per
+sample; a zero map stays zero). ``raw``: the gradient itself, flattened to C*H*W.
+
+Every sample's map depends on that sample alone: the model runs in eval mode (BatchNorm with
+running statistics), so one batched backward pass gives all the per-sample gradients.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_choice, check_images, check_labels, check_model, check_positive, eval_mode
+
+__all__ = ["saliency", "raw_gradient", "averaged_gradient", "postprocess_maps", "target_scores", "METHODS", "TARGET_KINDS",
+           "POSTPROCESS"]
+
+METHODS = ("simple", "integrated", "smoothgrad")
+TARGET_KINDS = ("prob", "logit")
+POSTPROCESS = ("abs_sum_l1", "raw")
+
+
+def target_scores(model: Callable, x: torch.Tensor, target: torch.Tensor, target_kind: str = "prob",
+                  logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample gradient target (B,): ``softmax(model(x))[b, target[b]]`` or the logit."""
+    if logits is None:
+        logits = model(x)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+        raise ValueError(f"model must return logits of shape (B, K) = ({x.shape[0]}, K), got "
+                         f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+    K = logits.shape[1]
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= K):
+        raise ValueError(f"target has labels outside [0, {K - 1}] for a model with {K} outputs")
+    idx = target.view(-1, 1).to(torch.int64)
+    if target_kind == "prob":
+        return F.log_softmax(logits, dim=1).gather(1, idx).squeeze(1).exp()
+    return logits.gather(1, idx).squeeze(1)
+
+
+def _grad_at(model, points: torch.Tensor, target: torch.Tensor, target_kind: str, create_graph: bool) -> torch.Tensor:
+    """Gradient of each sample's target with respect to ``points`` (same shape as ``points``)."""
+    with torch.enable_grad():
+        p = points if points.requires_grad else points.detach().requires_grad_(True)
+        scores = target_scores(model, p, target, target_kind)
+        (g,) = torch.autograd.grad(scores.sum(), p, create_graph=create_graph, allow_unused=True)
+    if g is None:
+        raise ValueError("the model's output does not depend on its input x (no gradient path)")
+    return g
+
+
+def _baseline_like(baseline, x: torch.Tensor) -> torch.Tensor:
+    if baseline is None:
+        return torch.zeros_like(x)
+    b = torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
+    try:
+        return torch.broadcast_to(b, x.shape)
+    except RuntimeError:
+        raise ValueError(f"baseline of shape {tuple(b.shape)} does not broadcast to x's shape {tuple(x.shape)}") from None
+
+
+def path_coefficients(steps: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """``a_k = k / (M - 1)``, k = 0..M-1 (``[1.0]`` when M = 1)."""
+    if steps == 1:
+        return torch.ones(1, dtype=dtype, device=device)
+    return torch.linspace(0.0, 1.0, steps, dtype=dtype, device=device)
+
+
+def averaged_gradient(model, x: torch.Tensor, target: torch.Tensor, *, method: str = "simple",
+                      target_kind: str = "prob", create_graph: bool = False, steps: int = 10,
+                      baseline=None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The path- or noise-averaged gradient ``A(x)`` (B, C, H, W), before any input multiplication.
+
+    ``noise`` (smoothgrad only): (n_samples, B, C, H, W) draws, fixed by the caller so that two
+    evaluations at nearby points use the same noise.
+    """
+    B = x.shape[0]
+    if method == "simple":
+        return _grad_at(model, x, target, target_kind, create_graph)
+    if method == "integrated":
+        b = _baseline_like(baseline, x)
+        a = path_coefficients(steps, x.dtype, x.device).view(-1, 1, 1, 1, 1)
+        pts = (b.unsqueeze(0) + a * (x - b).unsqueeze(0)).reshape(steps * B, *x.shape[1:])
+        g = _grad_at(model, pts, target.repeat(steps), target_kind, create_graph)
+        return g.view(steps, *x.shape).mean(0)
+    if method == "smoothgrad":
+        if noise is None:
+            raise ValueError("smoothgrad needs its noise draws")
+        n = noise.shape[0]
+        pts = (x.unsqueeze(0) + noise).reshape(n * B, *x.shape[1:])
+        g = _grad_at(model, pts, target.repeat(n), target_kind, create_graph)
+        return g.view(n, *x.shape).mean(0)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def raw_gradient(model, x: torch.Tensor, target: torch.Tensor, method: str = "simple", target_kind: str = "prob",
+                 create_graph: bool = False, steps: int = 10, baseline=None, multiply_by_input: bool = False,
+                 noise_std: float = 0.0, n_samples: int = 1, generator: torch.Generator | None = None,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The attribution before post-processing, (B, C, H, W). See :func:`saliency` for arguments.
+
+    ``multiply_by_input`` applies to ``integrated`` (standard integrated gradients) and to the
+    other methods alike (gradient x input).
+    """
+    if method == "smoothgrad" and noise is None:
+        noise = smoothgrad_noise(x, noise_std, n_samples, generator)
+    avg = averaged_gradient(model, x, target, method=method, target_kind=target_kind, create_graph=create_graph,
+                            steps=steps, baseline=baseline, noise=noise)
+    if multiply_by_input:
+        return (x - _baseline_like(baseline, x)) * avg
+    return avg
+
+
+def smoothgrad_noise(x: torch.Tensor, noise_std: float, n_samples: int,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n_samples, B, C, H, W) Gaussian draws of standard deviation ``noise_std``."""
+    return noise_std * torch.randn((n_samples, *x.shape), generator=generator, dtype=x.dtype, device=x.device)
+
+
+def postprocess_maps(g: torch.Tensor, kind: str = "abs_sum_l1") -> torch.Tensor:
+    """Turn raw gradients (B, C, H, W) into maps: (B, H*W) for ``abs_sum_l1``, (B, C*H*W) for ``raw``.
+
+    ``abs_sum_l1``: ``S = sum_c |g_c|``, ``I = S / ||S||_1``; a sample whose gradient is exactly
+    zero gets the zero map (never NaN). Differentiable (``|.|`` has subgradient 0 at 0).
+    """
+    if kind == "raw":
+        return g.reshape(g.shape[0], -1)
+    if kind != "abs_sum_l1":
+        raise ValueError(f"postprocess must be one of {POSTPROCESS}, got {kind!r}")
+    S = g.abs().sum(1).reshape(g.shape[0], -1)
+    n1 = S.sum(1, keepdim=True)
+    return torch.where(n1 > 0, S / n1.clamp_min(1e-30), torch.zeros_like(S))
+
+
+def check_saliency_args(method: str, target_kind: str, postprocess_kind: str, steps: int, noise_std: float,
+                        n_samples: int) -> None:
+    check_choice("method", method, METHODS)
+    check_choice("target_kind", target_kind, TARGET_KINDS)
+    check_choice("postprocess", postprocess_kind, POSTPROCESS)
+    check_positive("steps", steps, integer=True)
+    check_positive("noise_std", noise_std, allow_zero=True)
+    check_positive("n_samples", n_samples, integer=True)
+    if method == "smoothgrad" and noise_std == 0:
+        raise ValueError("noise_std must be > 0 for method='smoothgrad'")
+
+
+def saliency(model, x: torch.Tensor, target: torch.Tensor, method: str = "simple", target_kind: str = "prob",
+             postprocess: str = "abs_sum_l1", create_graph: bool = False, steps: int = 10, baseline=None,
+             multiply_by_input: bool = False, noise_std: float = 0.0, n_samples: int = 1,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Batched interpretation maps of ``model`` at ``x`` for the labels ``target``.
+
+    Args:
+        model: classifier returning logits (B, K); computed in eval mode (restored afterwards).
+        x: images (B, C, H, W) in model input units.
+        target: class indices (B,), int64.
+        method: ``"simple"``, ``"integrated"`` or ``"smoothgrad"``.
+        target_kind: ``"prob"`` (softmax probability, default) or ``"logit"``.
+        postprocess: ``"abs_sum_l1"`` -> (B, H*W) maps summing to 1; ``"raw"`` -> (B, C*H*W).
+        create_graph: keep the graph so the maps are differentiable with respect to ``x``.
+        steps: integrated-gradients path points M (>= 1).
+        baseline: integrated-gradients baseline, broadcastable to x (default zeros).
+        multiply_by_input: multiply the averaged gradient by ``x - baseline``.
+        noise_std: smoothgrad noise standard deviation (model units).
+        n_samples: smoothgrad draws.
+        generator: random generator for the smoothgrad noise.
+
+    Returns:
+        The maps, (B, H*W) or (B, C*H*W), in ``x``'s dtype.
+    """
+    check_model(model)
+    check_images("x", x)
+    check_saliency_args(method, target_kind, postprocess, steps, noise_std, n_samples)
+    check_labels("target", target, x.shape[0])
+    with eval_mode(model):
+        g = raw_gradient(model, x, target, method, target_kind, create_graph, steps, baseline, multiply_by_input,
+                         noise_std, n_samples, generator)
+    maps = postprocess_maps(g, postprocess)
+    return maps if create_graph else maps.detach()
