@@ -1,0 +1,241 @@
+"""The ``upi-fast`` command line. Argument checking lives here; computation does not.
+
+Subcommands: ``demo`` (the embedded default, every method side by side), ``compute`` (a UPI on a
+local dataset), ``evaluate`` (a saved perturbation against a model: transfer), ``show`` (render a
+perturbation file), ``bench`` (the benchmark suite). Any bad input is reported as one line
+``upi-fast: error: ...`` with exit code 2; ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+class CLIError(Exception):
+    """A user error: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage too)
+        raise CLIError(message)
+
+
+def _positive_float(name):
+    def conv(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not math.isfinite(v) or v <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text}")
+        return v
+    return conv
+
+
+def _positive_int(name):
+    def conv(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {v}")
+        return v
+    return conv
+
+
+def _norm(text):
+    from .projection import parse_norm
+    try:
+        return parse_norm(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--norm must be 2 or inf, got {text!r}") from None
+
+
+def _floats(name):
+    def conv(text):
+        try:
+            vals = tuple(float(t) for t in text.replace(",", " ").split())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be numbers separated by commas, got {text!r}") from None
+        if not vals or not all(math.isfinite(v) for v in vals):
+            raise argparse.ArgumentTypeError(f"{name} must be finite numbers, got {text!r}")
+        return vals
+    return conv
+
+
+def _device(text):
+    import torch
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"--device must be cpu or cuda[:N], got {text!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"--device {text} was requested but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"--device must be cpu or cuda[:N], got {text!r}")
+    return text
+
+
+def _existing_path(name):
+    def conv(text):
+        if not os.path.exists(text):
+            raise argparse.ArgumentTypeError(f"{name}: no such file or directory: {text}")
+        return text
+    return conv
+
+
+def _add_model_args(p, required=True):
+    p.add_argument("--model", required=required,
+                   help="torchvision:NAME, digits, or module.path:callable returning an nn.Module")
+    p.add_argument("--weights", type=_existing_path("--weights"), help="local weights (.safetensors or .pt)")
+    p.add_argument("--num-classes", type=_positive_int("--num-classes"))
+    p.add_argument("--mean", type=_floats("--mean"), help="per-channel normalisation mean, e.g. 0.485,0.456,0.406")
+    p.add_argument("--std", type=_floats("--std"), help="per-channel normalisation std, e.g. 0.229,0.224,0.225")
+    p.add_argument("--size", type=_positive_int("--size"), help="resize / centre-crop images to this size")
+
+
+def _add_saliency_args(p):
+    p.add_argument("--saliency", choices=("simple", "integrated", "smoothgrad"), default="simple")
+    p.add_argument("--target-kind", choices=("prob", "logit"), default="prob")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .hvp import HVP_MODES
+    parser = _Parser(prog="upi-fast", description="Universal perturbations for interpretation (UPI).")
+    parser.add_argument("--version", action="version", version=f"upi-fast {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), help="op implementation")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("demo", help="every method and baseline on the embedded digits default")
+    p.add_argument("--out", default="upi_out/demo", help="output folder (default upi_out/demo)")
+    p.add_argument("--eps-scale", type=_positive_float("--eps-scale"), default=0.1,
+                   help="eps as a multiple of the mean L2 norm of the evaluation images")
+    p.add_argument("--epochs", type=_positive_int("--epochs"), default=20)
+    p.add_argument("--hvp", choices=HVP_MODES, default="double_backward")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("compute", help="compute a UPI on a local dataset")
+    p.add_argument("--data", required=True, type=_existing_path("--data"),
+                   help="an ImageFolder or a CIFAR-10 (python format) folder")
+    _add_model_args(p)
+    eps = p.add_mutually_exclusive_group(required=True)
+    eps.add_argument("--eps", type=_positive_float("--eps"), help="radius in model units (pixels in [0, 1])")
+    eps.add_argument("--eps-pixels", type=_positive_float("--eps-pixels"),
+                     help="per-pixel budget on the 0-255 scale (Linf: the bound; L2: RMS per pixel)")
+    p.add_argument("--norm", type=_norm, default=2.0)
+    p.add_argument("--method", choices=("grad", "pca", "pca+"), default="grad")
+    p.add_argument("--attack-samples", type=_positive_int("--attack-samples"), default=1000)
+    p.add_argument("--eval-samples", type=_positive_int("--eval-samples"), default=1000)
+    p.add_argument("--epochs", type=_positive_int("--epochs"), default=10)
+    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64)
+    p.add_argument("--hvp", choices=HVP_MODES, default="double_backward")
+    p.add_argument("--plus-lambda", type=_positive_float("--plus-lambda"), default=1.0)
+    p.add_argument("--solver", choices=("auto", "exact", "sketch", "frequent_directions", "subspace", "block_krylov"),
+                   default="auto")
+    _add_saliency_args(p)
+    p.add_argument("--device", type=_device)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="upi_out/compute")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("evaluate", help="evaluate a saved perturbation (e.g. transfer to another model)")
+    p.add_argument("perturbation", type=_existing_path("perturbation"))
+    p.add_argument("--data", required=True, type=_existing_path("--data"))
+    _add_model_args(p)
+    p.add_argument("--eval-samples", type=_positive_int("--eval-samples"), default=1000)
+    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64)
+    p.add_argument("--k", type=_positive_int("--k"), help="top-k size (default 10%% of the pixels)")
+    _add_saliency_args(p)
+    p.add_argument("--device", type=_device)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="folder for evaluation.json")
+
+    p = sub.add_parser("show", help="render a perturbation file (and examples) to PNG")
+    p.add_argument("perturbation", type=_existing_path("perturbation"))
+    p.add_argument("--out", default="upi_out/show")
+    p.add_argument("--data", type=_existing_path("--data"))
+    _add_model_args(p, required=False)
+    p.add_argument("--n", type=_positive_int("--n"), default=8)
+
+    p = sub.add_parser("bench", help="benchmark suites (see bench/)")
+    p.add_argument("suites", nargs="*", help="hvp upi_grad upi_pca ops svd (default: all)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cpu")
+    return parser
+
+
+def _run(args) -> int:
+    if args.backend:
+        from .ops import set_backend
+        set_backend(args.backend)
+    if args.command == "demo":
+        from .demo import run_demo
+        run_demo(args.out, eps_scale=args.eps_scale, seed=args.seed, epochs=args.epochs, hvp=args.hvp,
+                 progress=not args.no_progress)
+        print(f"report: {os.path.join(args.out, 'report.md')}")
+    elif args.command == "compute":
+        from .pipeline import ComputeConfig, compute
+        cfg = ComputeConfig(data=args.data, model=args.model, out=args.out, weights=args.weights,
+                            num_classes=args.num_classes, mean=args.mean, std=args.std, size=args.size, eps=args.eps,
+                            eps_pixels=args.eps_pixels, norm=args.norm, method=args.method,
+                            attack_samples=args.attack_samples, eval_samples=args.eval_samples, epochs=args.epochs,
+                            batch_size=args.batch_size, hvp=args.hvp, saliency=args.saliency,
+                            target_kind=args.target_kind, plus_lambda=args.plus_lambda, solver=args.solver,
+                            device=args.device, seed=args.seed, workers=args.workers,
+                            progress=not args.no_progress)
+        compute(cfg)
+    elif args.command == "evaluate":
+        from .pipeline import evaluate_file
+        evaluate_file(args.perturbation, args.data, args.model, args.weights, args.num_classes, args.mean, args.std,
+                      args.size, args.eval_samples, args.batch_size, args.saliency, args.target_kind, args.k,
+                      args.device, args.seed, args.out)
+    elif args.command == "show":
+        from .pipeline import show
+        if bool(args.data) != bool(args.model):
+            raise CLIError("show needs both --data and --model to render examples (or neither)")
+        for path in show(args.perturbation, args.out, args.data, args.model, args.weights, args.num_classes,
+                         args.mean, args.std, args.size, args.n):
+            print(path)
+    elif args.command == "bench":
+        try:
+            from .bench.__main__ import main as bench_main
+        except ImportError as exc:
+            raise CLIError(f"the benchmark suite is not installed ({exc})") from None
+        argv = list(args.suites) + (["--quick"] if args.quick else []) + ["--device", args.device]
+        return bench_main(argv)
+    else:
+        raise CLIError("a subcommand is required: demo, compute, evaluate, show or bench (see upi-fast --help)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``upi-fast``; returns the exit code (0, or 2 for a user error)."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        return _run(args)
+    except (CLIError, ValueError, TypeError, FileNotFoundError, RuntimeError, OSError) as exc:
+        if debug:
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, RuntimeError) and "out of memory" in msg.lower():
+            msg = f"out of device memory: lower --batch-size ({msg})"
+        print(f"upi-fast: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("upi-fast: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

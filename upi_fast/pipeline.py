@@ -1,0 +1,167 @@
+"""The command line's jobs on real data: compute a UPI, evaluate a perturbation file, render one.
+
+Units: images are loaded as pixels in [0, 1]; a model's normalisation (``mean``/``std``) is part
+of the model (:class:`upi_fast.models.Normalized`), so ``eps`` is in pixel units [0, 1] and the
+integrated-gradients black baseline is 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+
+import torch
+
+from . import io, viz
+from .data import make_loader, open_dataset, split_indices
+from .evaluate import evaluate
+from .models import load_model, model_name
+from .report import COLUMNS, format_table, json_report, markdown_report
+from .saliency import saliency as saliency_fn
+from .solvers import UPIGrad, UPIPCA
+from .solvers.baselines import universal_random
+
+__all__ = ["ComputeConfig", "compute", "evaluate_file", "show", "eps_from_pixels"]
+
+
+def eps_from_pixels(eps_pixels: float, norm: float, input_shape: tuple) -> float:
+    """Convert a per-pixel budget on the 0-255 scale to model units (pixels in [0, 1]):
+    Linf: ``eps_pixels / 255``; L2: ``eps_pixels / 255 * sqrt(d)`` (an RMS change of
+    ``eps_pixels`` grey levels per pixel)."""
+    per = eps_pixels / 255.0
+    return per if norm == math.inf else per * math.sqrt(math.prod(input_shape))
+
+
+@dataclasses.dataclass
+class ComputeConfig:
+    """Everything ``upi-fast compute`` needs (validated by the CLI)."""
+    data: str
+    model: str
+    out: str
+    weights: str | None = None
+    num_classes: int | None = None
+    mean: tuple | None = None
+    std: tuple | None = None
+    size: int | None = None
+    eps: float | None = None
+    eps_pixels: float | None = None
+    norm: float = 2.0
+    method: str = "grad"
+    attack_samples: int = 1000
+    eval_samples: int = 1000
+    epochs: int = 10
+    batch_size: int = 64
+    hvp: str = "double_backward"
+    saliency: str = "simple"
+    target_kind: str = "prob"
+    plus_lambda: float = 1.0
+    solver: str = "auto"
+    device: str | None = None
+    seed: int = 0
+    workers: int = 0
+    progress: bool = True
+
+
+def _load(cfg) -> tuple:
+    dataset = open_dataset(cfg.data, size=cfg.size)
+    model = load_model(cfg.model, cfg.weights, num_classes=cfg.num_classes, mean=cfg.mean, std=cfg.std)
+    dev = torch.device(cfg.device) if cfg.device else torch.device("cpu")
+    return dataset, model.to(dev).eval(), dev
+
+
+def compute(cfg: ComputeConfig, log=print) -> dict:
+    """Compute a UPI on the attack split, save it, and evaluate it (and universal random noise of
+    the same norm) on the disjoint evaluation split. Writes ``upi.safetensors``, ``upi.png``,
+    ``report.md`` and ``report.json`` into ``cfg.out``."""
+    t0 = time.perf_counter()
+    dataset, model, dev = _load(cfg)
+    att_idx, ev_idx = split_indices(len(dataset), cfg.attack_samples, cfg.eval_samples, cfg.seed)
+    attack = make_loader(dataset, att_idx, cfg.batch_size, workers=cfg.workers, seed=cfg.seed)
+    ev = make_loader(dataset, ev_idx, cfg.batch_size, workers=cfg.workers, seed=cfg.seed)
+    shape = tuple(dataset[int(att_idx[0])][0].shape)
+    eps = cfg.eps if cfg.eps is not None else eps_from_pixels(cfg.eps_pixels, cfg.norm, shape)
+    log(f"{len(dataset)} images {shape}; attack {len(att_idx)}, eval {len(ev_idx)}; eps = {eps:.4g} "
+        f"({'L2' if cfg.norm == 2 else 'Linf'}, pixel units)")
+    common = dict(norm=cfg.norm, saliency=cfg.saliency, target_kind=cfg.target_kind, batch_size=cfg.batch_size,
+                  seed=cfg.seed, device=dev, progress=cfg.progress, hvp=cfg.hvp)
+    if cfg.method == "grad":
+        solver = UPIGrad(model, eps, epochs=cfg.epochs, **common)
+    else:
+        solver = UPIPCA(model, eps, solver=cfg.solver, plus_lambda=cfg.plus_lambda if cfg.method == "pca+" else None,
+                        **common)
+    solver.fit(attack)
+    os.makedirs(cfg.out, exist_ok=True)
+    meta = {"method": {"grad": "UPI-Grad", "pca": "UPI-PCA", "pca+": "PCA+"}[cfg.method], "eps": eps,
+            "norm": "2" if cfg.norm == 2 else "inf", "model": model_name(cfg.model), "input_shape": list(shape),
+            "units": "pixels [0, 1]", "mean": list(cfg.mean) if cfg.mean else None,
+            "std": list(cfg.std) if cfg.std else None, "saliency": cfg.saliency, "target_kind": cfg.target_kind,
+            "hvp": cfg.hvp, "seed": cfg.seed, "attack_samples": len(att_idx), "data": os.path.abspath(cfg.data)}
+    path = os.path.join(cfg.out, "upi.safetensors")
+    io.save_perturbation(path, solver.delta_, meta)
+    viz.plot_perturbation(solver.delta_, os.path.join(cfg.out, "upi.png"), title=meta["method"])
+    rows = [{"method": meta["method"], **evaluate(model, solver.delta_, ev, saliency=cfg.saliency,
+                                                   target_kind=cfg.target_kind, device=dev),
+             "seconds": solver.fit_time_},
+            {"method": "universal random", **evaluate(model, universal_random(shape, eps, cfg.norm, cfg.seed), ev,
+                                                      saliency=cfg.saliency, target_kind=cfg.target_kind, device=dev),
+             "seconds": 0.0}]
+    setup = {k: v for k, v in meta.items()} | {"eval_samples": len(ev_idx), "total seconds": round(time.perf_counter() - t0, 1)}
+    io.write_text_atomic(os.path.join(cfg.out, "report.md"), markdown_report("upi-fast compute", setup, rows, ["upi.png"]))
+    io.write_text_atomic(os.path.join(cfg.out, "report.json"), json_report(setup, rows))
+    log(format_table(rows))
+    log(f"wrote {path}")
+    return {"setup": setup, "results": rows, "path": path}
+
+
+def evaluate_file(path: str, data: str, model: str, weights=None, num_classes=None, mean=None, std=None, size=None,
+                  eval_samples: int = 1000, batch_size: int = 64, saliency: str = "simple", target_kind: str = "prob",
+                  k: int | None = None, device=None, seed: int = 0, out: str | None = None, log=print) -> dict:
+    """Evaluate a saved perturbation against a model on a local dataset (e.g. transfer)."""
+    dataset = open_dataset(data, size=size)
+    net = load_model(model, weights, num_classes=num_classes, mean=mean, std=std)
+    dev = torch.device(device) if device else torch.device("cpu")
+    net = net.to(dev).eval()
+    shape = tuple(dataset[0][0].shape)
+    delta, meta = io.load_perturbation(path, expected_shape=shape)
+    n = min(eval_samples, len(dataset))
+    ev_idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    loader = make_loader(dataset, ev_idx, batch_size, seed=seed)
+    eps = float(meta.get("eps", delta.norm()))
+    rows = [{"method": f"{meta.get('method', 'perturbation')} ({os.path.basename(path)})",
+             **evaluate(net, delta, loader, saliency=saliency, target_kind=target_kind, k=k, device=dev)},
+            {"method": "universal random", **evaluate(net, universal_random(shape, eps, meta.get("norm", "2"), seed),
+                                                      loader, saliency=saliency, target_kind=target_kind, k=k,
+                                                      device=dev)}]
+    log(format_table(rows, columns=[c for c in COLUMNS if c[0] != "seconds"]))
+    setup = {"perturbation": os.path.abspath(path), "model": model_name(model), "data": os.path.abspath(data),
+             "eval_samples": len(ev_idx), **{f"perturbation {k}": v for k, v in meta.items()}}
+    if out:
+        os.makedirs(out, exist_ok=True)
+        io.write_text_atomic(os.path.join(out, "evaluation.json"), json_report(setup, rows))
+    return {"setup": setup, "results": rows}
+
+
+def show(path: str, out: str, data: str | None = None, model: str | None = None, weights=None, num_classes=None,
+         mean=None, std=None, size=None, n: int = 8, saliency: str = "simple") -> list[str]:
+    """Render a perturbation file to PNG, and with ``data`` and ``model`` a grid of examples with
+    their saliency maps before and after. Returns the written paths."""
+    delta, meta = io.load_perturbation(path)
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    written = [os.path.join(out, f"{stem}.png")]
+    viz.plot_perturbation(delta, written[0], title=f"{meta.get('method', stem)}  eps={meta.get('eps', '?')}")
+    if data and model:
+        dataset = open_dataset(data, size=size)
+        if tuple(dataset[0][0].shape) != tuple(delta.shape):
+            raise ValueError(f"the perturbation has shape {tuple(delta.shape)} but the images in {data} have shape "
+                             f"{tuple(dataset[0][0].shape)}")
+        net = load_model(model, weights, num_classes=num_classes, mean=mean, std=std).eval()
+        items = [dataset[i] for i in range(min(n, len(dataset)))]
+        x = torch.stack([t for t, _ in items])
+        y = torch.tensor([int(lbl) for _, lbl in items])
+        grid = os.path.join(out, f"{stem}_examples.png")
+        viz.plot_saliency_grid(x, saliency_fn(net, x, y, method=saliency), saliency_fn(net, x + delta, y, method=saliency),
+                               grid, labels=y.tolist(), images_after=(x + delta).clamp(0, 1))
+        written.append(grid)
+    return written

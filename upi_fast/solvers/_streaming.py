@@ -1,0 +1,110 @@
+"""Streaming row accumulators for UPI-PCA, built on :mod:`upi_fast.linalg` (G is never held)."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from ..linalg import FrequentDirections, MemmapRowWriter, StreamingSketch, pca_plus_eigenvector, randomized_svd
+
+__all__ = ["SketchRows", "FDRows", "SpilledRows", "streaming_accumulator", "streaming_pca_plus"]
+
+
+def _normalize(rows: torch.Tensor) -> torch.Tensor:
+    n = rows.norm(dim=1, keepdim=True)
+    return torch.where(n > 0, rows / n.clamp_min(1e-30), torch.zeros_like(rows))
+
+
+class SketchRows:
+    """Single pass: :class:`~upi_fast.linalg.StreamingSketch` (mergeable across workers)."""
+
+    def __init__(self, d, k, seed, normalize_rows, device, oversample: int = 10) -> None:
+        self.sketch = StreamingSketch(d, k=k, oversample=oversample, seed=seed, normalize_rows=normalize_rows,
+                                      device=device)
+
+    def update(self, rows: torch.Tensor) -> None:
+        self.sketch.update(rows.detach().float())
+
+    def finalize(self, k: int = 1):
+        return self.sketch.finalize(k)
+
+    @property
+    def operand(self):
+        return self.sketch
+
+
+class FDRows:
+    """Single pass, deterministic: :class:`~upi_fast.linalg.FrequentDirections`."""
+
+    def __init__(self, d, k, normalize_rows, device, ell: int | None = None) -> None:
+        self.fd = FrequentDirections(d, ell or max(2 * k + 8, 16), device=device)
+        self.normalize_rows = normalize_rows
+
+    def update(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().float()
+        self.fd.update(_normalize(rows) if self.normalize_rows else rows)
+
+    def finalize(self, k: int = 1):
+        return self.fd.finalize(k)
+
+    @property
+    def operand(self):
+        return self.fd
+
+
+class SpilledRows:
+    """Multi-pass: rows spill to a memory-mapped file (``spill_dir`` or the temp dir), then
+    :func:`~upi_fast.linalg.randomized_svd` (subspace iteration or block Krylov) re-reads it."""
+
+    def __init__(self, d, k, seed, normalize_rows, device, method, spill_dir=None, **kw) -> None:
+        fd, self.path = tempfile.mkstemp(prefix="upi_rows_", suffix=".f32", dir=spill_dir)
+        os.close(fd)
+        self.writer = MemmapRowWriter(self.path, d)
+        self.normalize_rows, self.method, self.seed, self.kw, self.device = normalize_rows, method, seed, kw, device
+        self._source = None
+
+    def update(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().float()
+        self.writer.append(_normalize(rows) if self.normalize_rows else rows)
+
+    @property
+    def operand(self):
+        if self._source is None:
+            self._source = self.writer.finish(device=self.device)
+        return self._source
+
+    def finalize(self, k: int = 1):
+        r = randomized_svd(self.operand, k=k, method=self.method, seed=self.seed, **self.kw)
+        return r.S, r.Vh
+
+    def close(self) -> None:
+        """Delete the spill file (idempotent)."""
+        self.writer.__exit__(None, None, None)
+        self._source = None
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (OSError, AttributeError):
+            pass
+
+
+def streaming_accumulator(solver: str, d: int, k: int, seed: int, normalize_rows: bool, device, spill_dir,
+                          kw: dict):
+    if solver == "sketch":
+        return SketchRows(d, k, seed, normalize_rows, device, **kw)
+    if solver == "frequent_directions":
+        return FDRows(d, k, normalize_rows, device, **kw)
+    return SpilledRows(d, k, seed, normalize_rows, device, solver, spill_dir, **kw)
+
+
+def streaming_pca_plus(rows, lab, lam: float, seed: int = 0):
+    """PCA+ eigenvector by Lanczos on ``G^T G / ||G||_F^2 - lam V^T V / ||V||_F^2``, with G and V
+    given as in-memory matrices, spilled files (exact operator, one pass per matvec) or sketches
+    (their low-rank approximations of the Gram matrices)."""
+    ops = [r.matrix() if hasattr(r, "matrix") else r.operand for r in (rows, lab)]
+    res = pca_plus_eigenvector(ops[0], ops[1], lam=lam, seed=seed)
+    return res.v, res.theta, res.residual
