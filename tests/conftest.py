@@ -1,16 +1,19 @@
 """Test configuration.
 
-``TRITON_INTERPRET=1`` must be set before any Triton kernel module is imported, so that the
-Triton kernels run on CPU tensors in CI; it is set here, at the top, before anything imports
-``upi_fast.kernels``.
+On a machine without CUDA, ``TRITON_INTERPRET=1`` is set here, before anything imports
+``upi_fast.kernels``, so that the Triton kernels run on CPU tensors in CI (the interpreter must be
+on before the first kernel import). On a GPU machine the kernels run compiled on CUDA tensors
+(``pytest -m gpu``) unless ``TRITON_INTERPRET`` is set explicitly.
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("UPI_FAST_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "upi_fast"))
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

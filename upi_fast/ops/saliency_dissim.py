@@ -103,6 +103,7 @@ register("saliency_dissim", saliency_dissim_reference, "upi_fast.kernels.salienc
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.compute_grad = inputs[3]
+    ctx.mark_non_differentiable(output[1])  # the gradient output is first order only
 
 
 def _backward(ctx, grad_loss, grad_grad):
