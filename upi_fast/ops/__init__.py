@@ -50,28 +50,46 @@ def _triton_importable() -> bool:
 
 
 def _cuda_ext():
-    """The loaded extension module ``upi_fast._C``, or ``None`` when it is not built."""
+    """The loaded extension module ``upi_fast._C``, or ``None`` when it is not built (or unusable).
+
+    Importing it registers its C++ kernels for the ``CUDA`` dispatch key of the ops; it initialises
+    no CUDA context. If the Python router was registered for ``CUDA`` before the extension loaded,
+    the C++ kernels (the newer registration) would shadow it, so the router is registered again.
+    """
     if "ext" not in _state:
         try:
-            _state["ext"] = importlib.import_module("upi_fast._C")
-        except ImportError as exc:  # not built, or built against another torch
+            ext = importlib.import_module("upi_fast._C")
+        except (ImportError, OSError) as exc:  # not built, built against another torch, stale schemas
             _state["ext"] = None
-            _state["ext_error"] = str(exc)
+            _state["ext_error"] = f"{type(exc).__name__}: {exc}"
+            return None
+        _state["ext"] = ext
+        if _state["cuda_lib"] is not None:
+            _state["cuda_lib"]._destroy()
+            _state["cuda_lib"] = None
+            _sync_cuda_registration()
     return _state["ext"]
+
+
+def _cuda_ext_missing_ops() -> list[str]:
+    """Ops of this package that the loaded extension does not register (all of them without it)."""
+    ext = _cuda_ext()
+    have = set(getattr(ext, "registered_ops", lambda: [])()) if ext is not None else set()
+    return sorted(set(_REGISTRY) - have)
 
 
 def backends() -> dict[str, bool]:
     """Which backends can run here: ``{"torch": True, "triton": bool, "cuda": bool}``.
 
     ``triton`` is available when Triton imports and either a CUDA device is present or
-    ``TRITON_INTERPRET=1`` is set; ``cuda`` when the extension ``upi_fast._C`` is built and a
-    CUDA device is present. Calling this loads nothing on a GPU.
+    ``TRITON_INTERPRET=1`` is set; ``cuda`` when the extension ``upi_fast._C`` imports, registers a
+    kernel for every op, and a CUDA device is present. Calling this loads nothing on a GPU.
     """
     has_gpu = torch.cuda.is_available()
     return {
         "torch": True,
         "triton": _triton_importable() and (has_gpu or _interpreter_on()),
-        "cuda": has_gpu and _cuda_ext() is not None,
+        "cuda": has_gpu and _cuda_ext() is not None and not _cuda_ext_missing_ops(),
     }
 
 
@@ -82,8 +100,13 @@ def _why_unavailable(name: str) -> str:
         return "no CUDA device is present (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"
     if name == "cuda":
         if _cuda_ext() is None:
-            return ("the C++/CUDA extension upi_fast._C is not built "
-                    f"({_state.get('ext_error', 'import failed')}); rebuild with UPI_FAST_BUILD_CUDA=1")
+            return ("the C++/CUDA extension upi_fast._C is not built or does not load "
+                    f"({_state.get('ext_error', 'import failed')}); rebuild it with UPI_FAST_BUILD_CUDA=1 "
+                    "(csrc/README.md)")
+        missing = _cuda_ext_missing_ops()
+        if missing:
+            return (f"the C++/CUDA extension upi_fast._C has no kernel for {missing} (built from older "
+                    "sources); rebuild it with UPI_FAST_BUILD_CUDA=1 (csrc/README.md)")
         return "no CUDA device is present"
     return "unknown reason"
 
@@ -156,8 +179,10 @@ def implementation(op: str, device: torch.device) -> Callable:
             spec = getattr(importlib.import_module(mod), fn)
             entry["triton"] = spec
         return spec
-    if backend == "cuda":  # the C++ kernel is registered for CUDA; reaching here means CPU input
-        return entry["torch"]
+    if backend == "cuda":
+        # When the cuda backend is usable its C++ kernels serve CUDA tensors directly (this router is
+        # not registered for CUDA then), so reaching here means it was forced but is unusable.
+        raise RuntimeError(f"backend 'cuda' is unavailable: {_why_unavailable('cuda')}")
     return entry["torch"]
 
 
@@ -175,11 +200,14 @@ def router(op: str) -> Callable:
 def _sync_cuda_registration() -> None:
     """Make the ``CUDA`` dispatch key of every op point at the selected backend.
 
-    The C++ extension registers its kernels for ``CUDA`` when it is loaded. Unless the ``cuda``
-    backend is in force, the Python router is registered on top of them (a later registration
-    wins); selecting ``cuda`` destroys the Python registration, so the C++ kernels serve again.
+    The C++ extension registers its kernels for ``CUDA`` when it is imported, which happens here
+    first. Unless the ``cuda`` backend is in force and usable, the Python router is registered on
+    top of them (the most recent registration for a key is the one that runs); selecting ``cuda``
+    destroys the Python registration, and the C++ kernels serve again (verified with
+    ``torch._C._dispatch_dump``, see tests/test_cuda_ext.py).
     """
-    want_python = not (torch.cuda.is_available() and resolve_backend("cuda") == "cuda")
+    _cuda_ext()  # before the router: a registration made after the router's would shadow it
+    want_python = not (torch.cuda.is_available() and resolve_backend("cuda") == "cuda" and backends()["cuda"])
     lib = _state["cuda_lib"]
     if want_python and lib is None:
         lib = torch.library.Library("upi_fast", "IMPL")
