@@ -17,6 +17,12 @@ Hessians of the target, hence symmetric; with ``multiply_by_input`` (``r = (x - 
   ``u``, ``(A(x' + h w) - A(x' - h w)) / 2h`` (two extra gradients, no second derivatives);
 * ``finite_difference_onesided``: ``(A(x' + h w) - A(x')) / h``, reusing the gradient already
   computed at ``x'`` (one extra gradient).
+* ``piecewise_linear``: exact for piecewise-linear models (ReLU-family activations, convolutions,
+  BatchNorm with running statistics, pooling, residual additions) and the probability target:
+  ``H u = J^T C J u`` through the linearisation recorded during the primal forward, about two
+  gradients per step (:mod:`upi_fast.piecewise`);
+* ``auto``: ``piecewise_linear`` when it applies, ``finite_difference`` for a piecewise-linear model
+  with the logit target (exact Hessian zero), ``double_backward`` otherwise (logged once per model).
 
 Finite-difference step, per sample: ``h_i = fd_step * mean_j ||x'_j||_2 / ||w_i||_2``, i.e. the
 probe ``h_i w_i`` has norm ``fd_step`` (default 1e-2) times the batch's mean input norm. On a ReLU
@@ -34,12 +40,14 @@ from .dissimilarity import KINDS as DISSIMILARITIES
 from .dissimilarity import dissimilarity as dissimilarity_fn
 from .ops.saliency_dissim import KINDS as FUSED_KINDS
 from .ops.saliency_dissim import fused_saliency_loss, saliency_dissim
+from .piecewise import piecewise_loss_and_direction, resolve_hvp
 from .saliency import _baseline_like, averaged_gradient, check_saliency_args, path_coefficients, \
     postprocess_maps, smoothgrad_noise, target_scores
 
 __all__ = ["saliency_loss_grad", "HVP_MODES", "loss_and_direction", "SaliencySpec"]
 
-HVP_MODES = ("double_backward", "forward", "finite_difference", "finite_difference_onesided")
+HVP_MODES = ("double_backward", "forward", "finite_difference", "finite_difference_onesided",
+             "piecewise_linear", "auto")
 
 
 class SaliencySpec:
@@ -197,6 +205,8 @@ def _loss_grad(model, x, target, I_ref, delta, spec: SaliencySpec, hvp: str, noi
     sg_noise = (smoothgrad_noise(x, spec.smoothgrad_std, spec.n_samples, generator)
                 if spec.method == "smoothgrad" else None)
     with eval_mode(model):
+        if hvp in ("auto", "piecewise_linear"):
+            hvp = resolve_hvp(model, (x_eval + delta).detach(), spec, hvp)
         if hvp == "double_backward":
             with torch.enable_grad():
                 d = delta.detach().requires_grad_(True)
@@ -209,6 +219,9 @@ def _loss_grad(model, x, target, I_ref, delta, spec: SaliencySpec, hvp: str, noi
                 (grad,) = torch.autograd.grad(loss.sum() / B, d)
             return loss.detach(), grad
         xp = (x_eval + delta).detach()
-        loss, jtu = loss_and_direction(model, xp, target, I_ref, spec, hvp, sg_noise, fd_step)
+        if hvp == "piecewise_linear":
+            loss, jtu = piecewise_loss_and_direction(model, xp, target, I_ref, spec, sg_noise)
+        else:
+            loss, jtu = loss_and_direction(model, xp, target, I_ref, spec, hvp, sg_noise, fd_step)
     jtu = jtu.detach() / B
     return loss.detach(), (jtu.sum(0) if delta.dim() == 3 else jtu)

@@ -1,0 +1,265 @@
+"""Benchmark suite ``hvp``: one UPI-Grad step (:func:`upi_fast.saliency_loss_grad`) in every HVP mode.
+
+Contenders, all on the same inputs (seeded) in one run, at a non-zero perturbation:
+
+* ``gradient (floor)``: the plain first-order saliency gradient (one forward, one backward);
+* ``double_backward``, ``forward``, ``finite_difference``, ``finite_difference_onesided``,
+  ``piecewise_linear``: :func:`upi_fast.saliency_loss_grad` with that ``hvp`` (probability target,
+  abs/sum/L1 maps, L2 dissimilarity);
+* ``per-sample loop``: the authors' pattern, a Python loop calling the double-backward step on one
+  image at a time (timed on a subset of the batch; images per second are per image processed).
+
+Models: a digits-like ReLU CNN (1x16x16, batch 128) and torchvision ResNet-18 (3x64x64, batch 64)
+with random weights on the CPU; with ``--device cuda`` also ResNet-50 (3x224x224, batch 64).
+``--quick`` uses fewer repeats and batch 32 for the ResNets.
+
+Timing: :func:`bench.harness.measure`, contenders interleaved over rounds (the CPU is shared),
+median and interquartile range over all timed calls; ``speedup`` is images per second relative to
+``double_backward`` in the same run; the ``best`` columns use each contender's fastest call, the
+least disturbed by other processes on a shared CPU. ``cos_vs_db``: cosine of the mode's gradient with the
+double-backward gradient (1 for the exact modes; the finite differences see activation switches
+that the exact Hessian of a ReLU network does not, see CALIBRATION.md).
+
+Peak memory, per contender, one call after a warm-up call:
+
+* CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the call (tensor
+  memory, exact);
+* CPU: a separate worker process (``--memory-worker``) builds the same inputs, sets glibc's
+  ``M_MMAP_THRESHOLD`` to 64 KiB with ``mallopt`` so that every tensor buffer is its own mapping and
+  freed memory leaves the resident set at once, then for each contender resets the peak resident
+  set (``/proc/self/clear_refs``, ``5``) and reports ``VmHWM`` minus ``VmRSS`` before the call:
+  the growth of resident memory during the call, which is the tensor memory plus small allocator
+  overhead. The timing process keeps the default allocator so that its timings are untouched.
+
+    python -m bench.suites.hvp [--quick] [--device cuda|cpu] [--threads N] [--no-save]
+
+Results go to ``bench/results/<date>-<device>/hvp.json`` (written atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..harness import Measurement, compare, machine_info, measure, print_table, results_dir, write_json
+
+__all__ = ["run", "main", "MODES"]
+
+MODES = ("double_backward", "forward", "finite_difference", "finite_difference_onesided", "piecewise_linear")
+_FLOOR, _LOOP = "gradient (floor)", "per-sample loop (double backward)"
+_COLUMNS = ["name", "items", "items_per_s", "median_s", "iqr_s", "speedup_vs_double_backward", "best_items_per_s",
+            "best_speedup", "peak_mem_mb", "mem_vs_db", "cos_vs_db"]
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def digits_like_cnn(classes: int = 10) -> nn.Module:
+    """A small ReLU CNN for 1x16x16 inputs (random weights; timing only)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, classes),
+    )
+
+
+def _configs(quick: bool, device: str) -> list[dict]:
+    """Per model: name, input shape, batch, images in the per-sample loop."""
+    rb = 32 if quick else 64
+    cfgs = [dict(model="digits CNN", shape=(1, 16, 16), batch=128, loop=32 if quick else 128),
+            dict(model="resnet18", shape=(3, 64, 64), batch=rb, loop=4 if quick else 16)]
+    if device == "cuda":
+        cfgs.append(dict(model="resnet50", shape=(3, 224, 224), batch=rb, loop=4 if quick else 16))
+    return cfgs
+
+
+def _build(cfg: dict, device: str):
+    """The model and its inputs ``(model, x, y, I_ref, delta)``, identical in every process."""
+    import torchvision
+
+    import upi_fast as U
+
+    torch.manual_seed(0)
+    if cfg["model"] == "digits CNN":
+        model, classes = digits_like_cnn(), 10
+    else:
+        model, classes = getattr(torchvision.models, cfg["model"])(weights=None), 1000
+    model = model.to(device).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(cfg["batch"], *cfg["shape"], generator=g).to(device)
+    y = torch.randint(0, classes, (cfg["batch"],), generator=g).to(device)
+    delta = (0.05 * torch.randn(*cfg["shape"], generator=g)).to(device)
+    I_ref = U.saliency(model, x, y)
+    return model, x, y, I_ref, delta
+
+
+def _contenders(cfg: dict, model, x, y, I_ref, delta) -> dict[str, tuple[Callable, int]]:
+    """name -> (call returning ``(loss, grad)`` or a gradient, images per call)."""
+    import upi_fast as U
+    from upi_fast.saliency import averaged_gradient
+
+    B, n = x.shape[0], cfg["loop"]
+
+    def floor():
+        return averaged_gradient(model, x + delta, y)
+
+    def step(mode):
+        return lambda: U.saliency_loss_grad(model, x, y, I_ref, delta, hvp=mode)
+
+    def loop():
+        return [U.saliency_loss_grad(model, x[i:i + 1], y[i:i + 1], I_ref[i:i + 1], delta, hvp="double_backward")
+                for i in range(n)]
+
+    return {_FLOOR: (floor, B), **{m: (step(m), B) for m in MODES}, _LOOP: (loop, n)}
+
+
+# ------------------------------------------------------------------------------------------- memory
+
+def _proc_status_mb(key: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def _cpu_peak_growth_mb(fn: Callable) -> float:
+    fn()  # warm-up: lazily built library state is not the step's memory
+    _reset_peak_rss()
+    base = _proc_status_mb("VmRSS")
+    fn()
+    return _proc_status_mb("VmHWM") - base
+
+
+def _cuda_peak_mb(fn: Callable, device) -> float:
+    fn()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def _memory_worker(quick: bool, threads: int) -> dict:
+    """CPU peak memory of every contender of every model (run in a fresh process, see module doc)."""
+    torch.set_num_threads(threads)
+    libc = ctypes.CDLL("libc.so.6")
+    if libc.mallopt(-3, 64 * 1024) != 1:  # M_MMAP_THRESHOLD
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed")
+    out = {}
+    for cfg in _configs(quick, "cpu"):
+        problem = _build(cfg, "cpu")
+        out[cfg["model"]] = {name: _cpu_peak_growth_mb(fn) for name, (fn, _) in _contenders(cfg, *problem).items()}
+        del problem
+    return out
+
+
+def _cpu_memory(quick: bool) -> tuple[dict, str | None]:
+    cmd = [sys.executable, "-m", "bench.suites.hvp", "--memory-worker"] + (["--quick"] if quick else [])
+    try:
+        proc = subprocess.run(cmd, cwd=_REPO, capture_output=True, text=True, timeout=1800,
+                              env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {}, f"memory worker failed: {e}"
+    if proc.returncode != 0:
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
+        return {}, f"memory worker failed: {last}"
+    return json.loads(proc.stdout.strip().splitlines()[-1]), None
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def _time_model(cfg: dict, device: str, rounds: int, repeat: int) -> tuple[list[Measurement], dict]:
+    problem = _build(cfg, device)
+    cont = _contenders(cfg, *problem)
+    grads = {}
+    for name, (fn, _) in cont.items():  # warm-up call, kept for the agreement column
+        out = fn()
+        if name in MODES:
+            grads[name] = out[1]
+    cos = {m: _cosine(g, grads["double_backward"]) for m, g in grads.items()}
+    times: dict[str, list[float]] = {name: [] for name in cont}
+    for _ in range(rounds):
+        for name, (fn, items) in cont.items():
+            times[name] += measure(name, fn, items=items, warmup=0, repeat=repeat, device=device).times_s
+    ms = [Measurement(name, times[name], cont[name][1]) for name in cont]
+    if device == "cuda":
+        for m in ms:
+            m.peak_mem_mb = _cuda_peak_mb(cont[m.name][0], torch.device(device))
+    return ms, cos
+
+
+def run(quick: bool = False, device: str = "cpu") -> dict:
+    """Time and measure every contender on every model; print Markdown tables; return the results."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' requested but CUDA is not available")
+    rounds, repeat = (1, 2) if quick else (3, 2)
+    t0 = time.perf_counter()
+    memory, mem_note = (_cpu_memory(quick) if device == "cpu" else ({}, None))
+    result = {"suite": "hvp", "machine": machine_info(device), "quick": quick, "rounds": rounds,
+              "repeats_per_round": repeat, "models": {}, "notes": [mem_note] if mem_note else []}
+    for cfg in _configs(quick, device):
+        ms, cos = _time_model(cfg, device, rounds, repeat)
+        for m in ms:
+            if device == "cpu":
+                m.peak_mem_mb = memory.get(cfg["model"], {}).get(m.name)
+        rows = compare(ms, "double_backward")
+        db_mem = next(m.peak_mem_mb for m in ms if m.name == "double_backward")
+        db_best = next(r for r in rows if r["name"] == "double_backward")
+        for r in rows:
+            r["best_items_per_s"] = r["items"] / r["min_s"]
+            r["best_speedup"] = r["best_items_per_s"] / (db_best["items"] / db_best["min_s"])
+            r["mem_vs_db"] = r["peak_mem_mb"] / db_mem if r["peak_mem_mb"] is not None and db_mem else None
+            r["cos_vs_db"] = cos.get(r["name"])
+        title = (f"{cfg['model']}, {'x'.join(map(str, cfg['shape']))}, batch {cfg['batch']} "
+                 f"(per-sample loop on {cfg['loop']} images), {device}, {torch.get_num_threads()} threads")
+        print_table(title, rows, _COLUMNS)
+        result["models"][cfg["model"]] = {"config": cfg, "rows": rows}
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.suites.hvp", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, batch 32 for the ResNets")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--no-save", action="store_true", help="do not write bench/results/.../hvp.json")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        print(json.dumps(_memory_worker(args.quick, torch.get_num_threads())))
+        return 0
+    result = run(args.quick, args.device)
+    print(f"total {result['seconds']:.1f} s")
+    if not args.no_save:
+        path = os.path.join(results_dir(args.device), "hvp.json")
+        write_json(path, result)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
