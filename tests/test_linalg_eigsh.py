@@ -83,7 +83,8 @@ def test_lanczos_invariant_subspace_and_max_iter():
 
 def test_pca_plus_from_frequent_directions_sketches():
     G, V = _problem(d=200, seed=5)
-    fdG, fdV = FrequentDirections(200, ell=40, dtype=torch.float64), FrequentDirections(200, ell=40, dtype=torch.float64)
+    fdG = FrequentDirections(200, ell=40, dtype=torch.float64)
+    fdV = FrequentDirections(200, ell=40, dtype=torch.float64)
     fdG.update(G)
     fdV.update(V)
     A = _dense_pca_plus(G, V, 1.0)

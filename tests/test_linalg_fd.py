@@ -103,7 +103,8 @@ def test_bad_inputs_leave_sketch_unchanged():
     before = fd.sketch.clone(), fd.fro2, fd.n_rows
     bad = torch.randn(3, 10)
     bad[2, 2] = float("inf")
-    for rows, word in [(bad, "NaN or Inf"), (torch.randn(3, 9), "shape"), (torch.ones(3, 10, dtype=torch.int64), "floating")]:
+    cases = [(bad, "NaN or Inf"), (torch.randn(3, 9), "shape"), (torch.ones(3, 10, dtype=torch.int64), "floating")]
+    for rows, word in cases:
         with pytest.raises(ValueError, match=word):
             fd.update(rows)
     assert torch.equal(fd.sketch, before[0]) and fd.fro2 == before[1] and fd.n_rows == before[2]

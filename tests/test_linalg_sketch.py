@@ -187,7 +187,8 @@ def test_bad_updates_leave_the_sketch_unchanged():
     bad_inf = torch.randn(5, 30)
     bad_inf[0, 0] = float("inf")
     cases = [(bad_nan, "NaN"), (bad_inf, "NaN or Inf"), (torch.randn(5, 31), "shape"),
-             (torch.ones(5, 30, dtype=torch.int32), "floating"), (torch.randn(5, 30, dtype=torch.complex64), "floating"),
+             (torch.ones(5, 30, dtype=torch.int32), "floating"),
+             (torch.randn(5, 30, dtype=torch.complex64), "floating"),
              ([[0.0] * 30], "Tensor")]
     for rows, word in cases:
         with pytest.raises(ValueError, match=word):

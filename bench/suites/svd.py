@@ -1,13 +1,15 @@
 """Benchmark suite ``svd``: the top right singular vector of UPI-PCA-sized matrices.
 
 1. **Stream** (never held): n x 150,528 float32 rows with a planted spectrum, regenerated on the fly
-   from a seed (:class:`upi_fast.linalg.PlantedRows`; n = 20,000, i.e. 12 GB, or 2,000 with
-   ``--quick``). Contenders: one plain pass that only generates and sums the rows (the floor), and
-   the single-pass :class:`~upi_fast.linalg.StreamingSketch`. Peak resident memory of each is
-   measured in a fresh subprocess (growth of ``ru_maxrss`` over the run; CUDA: peak allocated).
-   Accuracy: |cos| with the planted top vector and with a block Krylov run (3 passes; 2 with
-   ``--quick``) over the same regenerated stream (timed once, for reference).
-2. **In memory**: n x 150,528 float32 (n = 4,000, or 1,000 with ``--quick``), planted spectrum with
+   from a seed (:class:`upi_fast.linalg.PlantedRows`; n = 20,000, i.e. 12 GB, or 1,000 with
+   ``--quick``, which also skips the stream warm-up). Contenders: one plain pass that only
+   generates and sums the rows (the floor), and the single-pass
+   :class:`~upi_fast.linalg.StreamingSketch`, timed in interleaved rounds. Peak resident memory of
+   each is measured in a fresh subprocess (growth of ``ru_maxrss`` over the run, cross-checked with
+   Linux ``VmHWM``; CUDA: peak allocated).
+   Accuracy: |cos| with the planted top vector and (not with ``--quick``) with a 3-pass block
+   Krylov run over the same regenerated stream (timed once, for reference).
+2. **In memory**: n x 150,528 float32 (n = 4,000, or 500 with ``--quick``), planted spectrum with
    sigma_1 / sigma_2 ~ 1.27 (as in docs/CALIBRATION.md). Exact top vector from ``eigh`` of ``A A^T``;
    contenders: ``torch.svd_lowrank(q=6, niter=2)``, scikit-learn ``randomized_svd(k=1,
    n_oversamples=5, n_iter=2)`` and ``(10, 7)``, and ours (subspace / block Krylov / single-pass
@@ -44,7 +46,7 @@ _MEM_COLUMNS = ["name", "reads", "median_s", "min_s", "max_s", "speedup_vs_sklea
 
 
 def _sizes(quick: bool) -> dict:
-    return {"stream_n": 2_000 if quick else 20_000, "memory_n": 1_000 if quick else 4_000, "d": D}
+    return {"stream_n": 1_000 if quick else 20_000, "memory_n": 500 if quick else 4_000, "d": D}
 
 
 def _stream_source(n: int, device: str):
@@ -99,16 +101,26 @@ def _memory_worker(which: str, n: int) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
-def _memory_in_subprocess(which: str, n: int) -> dict | None:
-    """Must run before this process grows: a child's ``ru_maxrss`` starts at the parent's peak."""
-    cmd = [sys.executable, "-m", "bench.suites.svd", "--memory-worker", which, "--stream-n", str(n)]
+def _memory_in_subprocesses(which: list[str], n: int) -> dict:
+    """One fresh subprocess per contender, run side by side (only their peak memory is used).
+
+    Must run before this process grows: a child's ``ru_maxrss`` starts at its parent's peak.
+    """
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True, timeout=3600)
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    except (subprocess.SubprocessError, ValueError, IndexError) as exc:
-        print(f"memory worker {which} failed: {exc}", flush=True)
-        return None
+    procs = {w: subprocess.Popen([sys.executable, "-m", "bench.suites.svd", "--memory-worker", w, "--stream-n", str(n)],
+                                 cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in which}
+    out = {}
+    for w, p in procs.items():
+        try:
+            stdout, stderr = p.communicate(timeout=3600)
+            out[w] = json.loads(stdout.strip().splitlines()[-1]) if p.returncode == 0 else None
+            if p.returncode != 0:
+                print(f"memory worker {w} failed: {stderr[-500:]}", flush=True)
+        except (subprocess.SubprocessError, ValueError, IndexError) as exc:
+            p.kill()
+            print(f"memory worker {w} failed: {exc}", flush=True)
+            out[w] = None
+    return out
 
 
 def _abs_cos(v, u) -> float:
@@ -117,21 +129,38 @@ def _abs_cos(v, u) -> float:
     return float((v @ u).abs() / (v.norm() * u.norm()))
 
 
-def _stream_section(n: int, device: str, warmup: int, repeat: int, memory: dict) -> tuple[list[dict], dict]:
+def _stream_section(n: int, device: str, warmup: int, repeat: int, memory: dict,
+                    quick: bool) -> tuple[list[dict], dict]:
     from upi_fast.linalg import randomized_svd
     src = _stream_source(n, device)
     planted = src.V[0]
-    ms = [measure("generate + sum (floor)", lambda: _floor(src, device), items=n, warmup=warmup, repeat=repeat,
-                  device=device, track_memory=(device == "cuda")),
-          measure("StreamingSketch k=1, l=11 (1 pass)", lambda: _sketch_stream(src, device).finalize(), items=n,
-                  warmup=warmup, repeat=repeat, device=device, track_memory=(device == "cuda"))]
-    sk = _sketch_stream(src, device)
+    last: dict = {}
+
+    def sketch():
+        last["sketch"] = _sketch_stream(src, device)
+        return last["sketch"].finalize()
+
+    cont = {"generate + sum (floor)": lambda: _floor(src, device), "StreamingSketch k=1, l=11 (1 pass)": sketch}
+    for fn in cont.values():  # warm-up (untimed)
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in cont}
+    peaks: dict[str, float | None] = {name: None for name in cont}
+    for _ in range(repeat):  # interleaved rounds: load drifts hit both contenders alike
+        for name, fn in cont.items():
+            m = measure(name, fn, items=n, warmup=0, repeat=1, device=device, track_memory=(device == "cuda"))
+            times[name] += m.times_s
+            if m.peak_mem_mb is not None:
+                peaks[name] = max(peaks[name] or 0.0, m.peak_mem_mb)
+    ms = [Measurement(name, times[name], n, peaks[name]) for name in cont]
+    sk = last["sketch"] if "sketch" in last else _sketch_stream(src, device)
     S, Vh = sk.finalize()
     err = sk.error_estimate()
-    t0 = time.perf_counter()
-    ref_iter = 1 if n < 10_000 else 2
-    ref = randomized_svd(src, k=1, oversample=5, n_iter=ref_iter, method="block_krylov", block_size=_STREAM_BLOCK)
-    ref_s = time.perf_counter() - t0
+    ref = None
+    if not quick:  # a multi-pass reference over the regenerated stream (3 more reads of it)
+        t0 = time.perf_counter()
+        ref = randomized_svd(src, k=1, oversample=5, n_iter=2, method="block_krylov", block_size=_STREAM_BLOCK)
+        ref_s = time.perf_counter() - t0
     rows = compare(ms, "generate + sum (floor)")
     for r in rows:
         r["rows_per_s"] = r["items_per_s"]
@@ -143,15 +172,17 @@ def _stream_section(n: int, device: str, warmup: int, repeat: int, memory: dict)
         else:
             r["peak_rss_growth_mb"] = r["peak_mem_mb"]
     rows[1]["abs_cos_planted"] = _abs_cos(Vh[0], planted)
-    rows[1]["abs_cos_krylov_ref"] = _abs_cos(Vh[0], ref.Vh[0])
-    rows.append({"name": f"block Krylov l=6, {ref_iter + 1} passes (reference, timed once)", "median_s": ref_s,
-                 "min_s": ref_s, "max_s": ref_s, "rows_per_s": (ref_iter + 1) * n / ref_s, "vs_floor": ref_s / rows[0]["median_s"],
-                 "abs_cos_planted": _abs_cos(ref.Vh[0], planted), "abs_cos_krylov_ref": 1.0})
     info = {"sketch_S1": float(S[0]), "sketch_sigma_upper": float(err.sigma_upper[0]),
             "sketch_residual_fro": err.residual_fro, "sketch_residual_fro_W_estimate": err.residual_fro_sketch,
             "sketch_sin_angle_bound": err.sin_angle_bound, "fro_norm": err.fro_norm,
-            "krylov_S1": float(ref.S[0]), "krylov_sigma_upper": float(ref.sigma_upper[0]),
-            "planted_sigma": src.sigma[:4].tolist(), "noise": src.noise}
+            "planted_sigma": src.sigma[:4].tolist(), "noise": src.noise, "memory_workers": memory}
+    if ref is not None:
+        rows[1]["abs_cos_krylov_ref"] = _abs_cos(Vh[0], ref.Vh[0])
+        rows.append({"name": "block Krylov l=6, 3 passes (reference, timed once)", "median_s": ref_s,
+                     "min_s": ref_s, "max_s": ref_s, "rows_per_s": 3 * n / ref_s,
+                     "vs_floor": ref_s / rows[0]["median_s"], "abs_cos_planted": _abs_cos(ref.Vh[0], planted),
+                     "abs_cos_krylov_ref": 1.0})
+        info.update({"krylov_S1": float(ref.S[0]), "krylov_sigma_upper": float(ref.sigma_upper[0])})
     return rows, info
 
 
@@ -220,7 +251,8 @@ def _memory_section(n: int, device: str, rounds: int) -> tuple[list[dict], dict]
         for name, (fn, _) in cont.items():
             times[name] += measure(name, fn, warmup=0, repeat=1, device=device).times_s
     ms = [Measurement(name, times[name]) for name in cont]
-    ref = "sklearn randomized_svd(k=1, n_oversamples=5, n_iter=2)" if device == "cpu" else "torch.svd_lowrank(q=6, niter=2)"
+    ref = ("sklearn randomized_svd(k=1, n_oversamples=5, n_iter=2)" if device == "cpu"
+           else "torch.svd_lowrank(q=6, niter=2)")
     rows = compare(ms, ref)
     rows.insert(0, {"name": "exact (eigh of A A^T), timed once", "median_s": exact_s, "min_s": exact_s,
                     "max_s": exact_s, "abs_cos_exact": 1.0, "sigma1_rel_err": 0.0, "reads": 2})
@@ -231,7 +263,7 @@ def _memory_section(n: int, device: str, rounds: int) -> tuple[list[dict], dict]
             r["abs_cos_exact"], r["sigma1_rel_err"] = acc[r["name"]]
     info = {"sigma_1": s1, "sigma_2": float(S_ex[1]), "ratio": s1 / float(S_ex[1]), "exact_seconds": exact_s,
             "reads_note": "matrix reads (each of our passes reads A twice: A X then (A X)^T A; "
-                          "+1 read for ||A||_F in the first pass; sketch: norms + 2 products)"}
+                          "+1 read for ||A||_F in the first pass; sketch: norms, A Omega^T, Y^T A, and the W op)"}
     return rows, info
 
 
@@ -245,13 +277,13 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
     t0 = time.perf_counter()
     result = {"suite": "svd", "machine": machine_info(device), "quick": quick, "sizes": sizes,
               "command": "python -m bench.suites.svd" + (" --quick" if quick else "") + f" --device {device}"}
-    # Memory first, in fresh subprocesses, while this process is still small (see _memory_in_subprocess).
-    memory = ({w: _memory_in_subprocess(w, sizes["stream_n"]) for w in ("floor", "sketch")}
-              if device == "cpu" else {})
-    srows, sinfo = _stream_section(sizes["stream_n"], device, warmup, repeat, memory)
+    # Memory first, in fresh subprocesses, while this process is still small (see _memory_in_subprocesses).
+    memory = _memory_in_subprocesses(["floor", "sketch"], sizes["stream_n"]) if device == "cpu" else {}
+    srows, sinfo = _stream_section(sizes["stream_n"], device, 0 if quick else warmup, repeat, memory, quick)
     md = print_table(f"Stream: {sizes['stream_n']:,} x {D:,} float32 rows regenerated from a seed "
                      f"({sizes['stream_n'] * D * 4 / 1e9:.1f} GB, never held), {device}, "
-                     f"{torch.get_num_threads()} threads, median of {repeat}", srows, _STREAM_COLUMNS)
+                     f"{torch.get_num_threads()} threads, median of {repeat} interleaved rounds",
+                     srows, _STREAM_COLUMNS)
     mrows, minfo = _memory_section(sizes["memory_n"], device, rounds)
     md += "\n" + print_table(f"In memory: {sizes['memory_n']:,} x {D:,} float32, sigma1/sigma2 = "
                              f"{minfo['ratio']:.3f}, {device}, median of {rounds} interleaved rounds",
@@ -263,7 +295,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.suites.svd", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2,000-row stream and 1,000-row matrix")
+    parser.add_argument("--quick", action="store_true", help="1,000-row stream and 500-row matrix, one round")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/.../svd.json")
     parser.add_argument("--memory-worker", choices=["floor", "sketch"], help=argparse.SUPPRESS)

@@ -137,7 +137,8 @@ class GramOperator:
     """``x -> A^T (A x) / scale`` for a row source A (n x d), streaming row blocks (never d x d).
 
     ``scale`` defaults to ``||A||_F^2`` (computed in one pass at construction, which also checks
-    the rows for NaN/Inf). One application reads the source once.
+    the rows for NaN/Inf). One application reads the source once; blocks are moved to ``device``
+    (default: the vector's) and computed in ``dtype``.
     """
 
     def __init__(self, source: object, scale: float | None = None, block_size: int | None = None,
@@ -157,10 +158,13 @@ class GramOperator:
         self.scale = float(scale)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(self.d, dtype=self.dtype, device=x.device)
+        """``A^T (A x) / scale`` for x (d,); computed on ``device`` (default: x's) in ``dtype``."""
+        dev = self.device or x.device
+        x = x.to(dev, self.dtype)
+        out = torch.zeros(self.d, dtype=self.dtype, device=dev)
         for _, blk in self.source.blocks(self.block_size):
-            b = blk.to(x.device, self.dtype)
-            out += (b @ x.to(self.dtype)) @ b
+            b = blk.to(dev, self.dtype)
+            out += (b @ x) @ b
         return out / self.scale
 
 

@@ -3,7 +3,8 @@
 One *pass* reads every row block ``A_b`` of the source once and computes ``A_b X^T`` then
 accumulates ``X A^T A += (A_b X^T)^T A_b``: because whole rows arrive together, one read applies
 the Gram operator ``A^T A`` (two matrix products), so a pass here does the work of two reads in
-scikit-learn's / torch's randomized SVD. Between passes the basis is orthonormalised (QR).
+scikit-learn's / torch's randomized SVD. Between passes the basis is orthonormalised (SVQB: its
+Gram matrix's ``eigh``, twice, in float64; only matrix products on the d-long rows).
 
 * ``method="subspace"``: ``X_{j+1} = orth(X_j A^T A)``; after ``n_iter`` iterations a final pass.
 * ``method="block_krylov"``: the block Krylov basis ``[X_0, X_0 M, ..., X_0 M^q]`` (``M = A^T A``)
@@ -19,8 +20,8 @@ matrix reads when it does not transpose, and half a power more than it when it d
 
 Bounds (HMT 2011 Cor. 10.10; Musco & Musco 2015 Thm 1), for oversample ``p >= 2``, ``l = k + p``:
 subspace: ``E ||A - A_hat||_2 <= [(1 + sqrt(k/(p-1))) sigma_{k+1}^{2q+1}
-+ e sqrt(l)/p (sum_{j>k} sigma_j^{2(2q+1)})^{1/2}]^{1/(2q+1)}`` with ``q = n_iter + 1/2`` here
-(the Nystrom extraction adds half a power); block Krylov reaches relative spectral error ``eps``
++ e sqrt(l)/p (sum_{j>k} sigma_j^{2(2q+1)})^{1/2}]^{1/(2q+1)}`` with ``q = n_iter`` (``Q = orth(A
+M^{n_iter} Omega)`` is HMT's power scheme; Gaussian start); block Krylov reaches relative spectral error ``eps``
 after ``q = O(log(d) / sqrt(eps))`` passes. A-posteriori (exact, computed): ``residual_fro``,
 ``sigma_upper`` and ``sin_angle_bound`` as in :class:`upi_fast.linalg.sketch.SketchError`; and,
 with ``check=True`` (one extra pass), the eigen-residuals ``||A^T A v_i - ||A v_i||^2 v_i||``.

@@ -29,7 +29,8 @@ Guarantees of :meth:`StreamingSketch.finalize` (``A_hat = Q Q^T A``, ``Q = orth(
 ``E ||A - A_hat||_F <= (1 + k/(p-1))^{1/2} (sum_{j>k} sigma_j^2)^{1/2}`` with ``p = oversample >= 2``:
 one pass is only as good as the Frobenius tail allows. When the top direction carries a small share
 of ``||A||_F^2`` (heavy-tailed spectra, e.g. normalised gradient rows), use a multi-pass method on a
-re-readable source (:func:`upi_fast.linalg.randomized_svd`; spill with ``MemmapRowWriter``). The top vector's angle obeys
+re-readable source (:func:`upi_fast.linalg.randomized_svd`; spill with ``MemmapRowWriter``).
+The top vector's angle obeys
 ``sin theta_1 <= r^2 / (S_1^2 - S_2^2 - r^2)`` with ``r = ||A - A_hat||_2`` (Davis-Kahan), reported.
 
 Memory: ``2 l d`` accumulator entries plus the cached ``Omega`` (l x d); no per-row state.
