@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
 
-    p = sub.add_parser("compute", help="compute a UPI on a local dataset")
+    p = sub.add_parser("compute", help="compute a UPI on a local dataset (data-parallel under torchrun)")
     p.add_argument("--data", required=True, type=_existing_path("--data"),
                    help="an ImageFolder or a CIFAR-10 (python format) folder")
     _add_model_args(p)
@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="upi_out/compute")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast dtype of the saliency / HVP passes (fp16: CUDA only; delta and sketches stay fp32)")
+    p.add_argument("--checkpoint-every", type=_positive_int("--checkpoint-every"),
+                   help="write a checkpoint every N solver steps (the last 2 are kept)")
+    p.add_argument("--checkpoint-dir", help="checkpoint folder (default OUT/checkpoints)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest good checkpoint (from scratch when there is none)")
 
     p = sub.add_parser("evaluate", help="evaluate a saved perturbation (e.g. transfer to another model)")
     p.add_argument("perturbation", type=_existing_path("perturbation"))
@@ -191,7 +198,8 @@ def _run(args) -> int:
                             batch_size=args.batch_size, hvp=args.hvp, saliency=args.saliency,
                             target_kind=args.target_kind, plus_lambda=args.plus_lambda, solver=args.solver,
                             device=args.device, seed=args.seed, workers=args.workers,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
+                            checkpoint_every=args.checkpoint_every, resume=args.resume, precision=args.precision)
         compute(cfg)
     elif args.command == "evaluate":
         from .pipeline import evaluate_file

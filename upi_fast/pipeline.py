@@ -15,6 +15,7 @@ import torch
 
 from . import io, viz
 from .data import make_loader, open_dataset, split_indices
+from .distributed import Comm, launched, local_device, main_only, shard_bounds
 from .evaluate import evaluate
 from .models import load_model, model_name
 from .report import COLUMNS, format_table, json_report, markdown_report
@@ -61,54 +62,105 @@ class ComputeConfig:
     seed: int = 0
     workers: int = 0
     progress: bool = True
+    checkpoint_dir: str | None = None
+    checkpoint_every: int | None = None
+    resume: bool = False
+    precision: str = "fp32"
 
 
 def _load(cfg) -> tuple:
     dataset = open_dataset(cfg.data, size=cfg.size)
     model = load_model(cfg.model, cfg.weights, num_classes=cfg.num_classes, mean=cfg.mean, std=cfg.std)
-    dev = torch.device(cfg.device) if cfg.device else torch.device("cpu")
+    dev = local_device(cfg.device)
     return dataset, model.to(dev).eval(), dev
 
 
 def compute(cfg: ComputeConfig, log=print) -> dict:
     """Compute a UPI on the attack split, save it, and evaluate it (and universal random noise of
     the same norm) on the disjoint evaluation split. Writes ``upi.safetensors``, ``upi.png``,
-    ``report.md`` and ``report.json`` into ``cfg.out``."""
+    ``report.md`` and ``report.json`` into ``cfg.out``.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the process group is started here
+    (NCCL for CUDA, gloo on the CPU; each process on ``cuda:LOCAL_RANK``), the solver and the
+    evaluation split their data across the processes, rank 0 alone logs and writes, and the group
+    is torn down at the end. ``cfg.checkpoint_every`` writes checkpoints (to ``cfg.checkpoint_dir``,
+    default ``<out>/checkpoints``); ``cfg.resume`` continues from the newest good one."""
+    with launched(cfg.device) as comm:
+        return _compute(cfg, comm, main_only(log, comm))
+
+
+def _checkpoint_dir(cfg) -> str | None:
+    if cfg.checkpoint_dir is not None:
+        return cfg.checkpoint_dir
+    if cfg.checkpoint_every is not None or cfg.resume:
+        return os.path.join(cfg.out, "checkpoints")
+    return None
+
+
+def _evaluate_split(model, delta, dataset, idx, cfg, dev, comm: Comm) -> dict:
+    """:func:`evaluate` on this process's share of ``idx``, the means combined over all processes
+    (weighted by their correctly classified counts)."""
+    lo, hi = shard_bounds(len(idx), comm.world, comm.rank)
+    res, n, n_total = {}, 0, hi - lo
+    if hi > lo:
+        loader = make_loader(dataset, idx[lo:hi], cfg.batch_size, workers=cfg.workers, seed=cfg.seed)
+        try:
+            res = evaluate(model, delta, loader, saliency=cfg.saliency, target_kind=cfg.target_kind, device=dev)
+            n = res["n"]
+        except ValueError as exc:  # this share holds no correctly classified sample
+            if "none of the samples" not in str(exc) or not comm.active:
+                raise
+    if not comm.active:
+        return res
+    names = ("dissimilarity", "topk_intersection", "spearman", "fooling_rate")
+    sums = comm.sum_floats(*(res.get(m, 0.0) * n for m in names), n, n_total)
+    n_all, total = int(sums[-2]), int(sums[-1])
+    if n_all == 0:
+        raise ValueError("the model classifies none of the samples in the evaluation split correctly")
+    return {**{m: v / n_all for m, v in zip(names, sums)}, "n": n_all, "n_total": total}
+
+
+def _compute(cfg: ComputeConfig, comm: Comm, log) -> dict:
     t0 = time.perf_counter()
     dataset, model, dev = _load(cfg)
     att_idx, ev_idx = split_indices(len(dataset), cfg.attack_samples, cfg.eval_samples, cfg.seed)
     attack = make_loader(dataset, att_idx, cfg.batch_size, workers=cfg.workers, seed=cfg.seed)
-    ev = make_loader(dataset, ev_idx, cfg.batch_size, workers=cfg.workers, seed=cfg.seed)
     shape = tuple(dataset[int(att_idx[0])][0].shape)
     eps = cfg.eps if cfg.eps is not None else eps_from_pixels(cfg.eps_pixels, cfg.norm, shape)
     log(f"{len(dataset)} images {shape}; attack {len(att_idx)}, eval {len(ev_idx)}; eps = {eps:.4g} "
         f"({'L2' if cfg.norm == 2 else 'Linf'}, pixel units)")
+    if comm.active:
+        log(f"data parallel: {comm.world} processes ({comm.backend})")
     common = dict(norm=cfg.norm, saliency=cfg.saliency, target_kind=cfg.target_kind, batch_size=cfg.batch_size,
-                  seed=cfg.seed, device=dev, progress=cfg.progress, hvp=cfg.hvp)
+                  seed=cfg.seed, device=dev, progress=cfg.progress and comm.is_main, hvp=cfg.hvp,
+                  precision=cfg.precision, checkpoint_dir=_checkpoint_dir(cfg), checkpoint_every=cfg.checkpoint_every)
     if cfg.method == "grad":
         solver = UPIGrad(model, eps, epochs=cfg.epochs, **common)
     else:
         solver = UPIPCA(model, eps, solver=cfg.solver, plus_lambda=cfg.plus_lambda if cfg.method == "pca+" else None,
                         **common)
-    solver.fit(attack)
-    os.makedirs(cfg.out, exist_ok=True)
+    solver.fit(attack, resume=cfg.resume)
     meta = {"method": {"grad": "UPI-Grad", "pca": "UPI-PCA", "pca+": "PCA+"}[cfg.method], "eps": eps,
             "norm": "2" if cfg.norm == 2 else "inf", "model": model_name(cfg.model), "input_shape": list(shape),
             "units": "pixels [0, 1]", "mean": list(cfg.mean) if cfg.mean else None,
             "std": list(cfg.std) if cfg.std else None, "saliency": cfg.saliency, "target_kind": cfg.target_kind,
-            "hvp": cfg.hvp, "seed": cfg.seed, "attack_samples": len(att_idx), "data": os.path.abspath(cfg.data)}
+            "hvp": cfg.hvp, "seed": cfg.seed, "attack_samples": len(att_idx), "data": os.path.abspath(cfg.data),
+            "precision": cfg.precision, "processes": comm.world}
     path = os.path.join(cfg.out, "upi.safetensors")
-    io.save_perturbation(path, solver.delta_, meta)
-    viz.plot_perturbation(solver.delta_, os.path.join(cfg.out, "upi.png"), title=meta["method"])
-    rows = [{"method": meta["method"], **evaluate(model, solver.delta_, ev, saliency=cfg.saliency,
-                                                   target_kind=cfg.target_kind, device=dev),
+    if comm.is_main:
+        os.makedirs(cfg.out, exist_ok=True)
+        io.save_perturbation(path, solver.delta_, meta)
+        viz.plot_perturbation(solver.delta_, os.path.join(cfg.out, "upi.png"), title=meta["method"])
+    rows = [{"method": meta["method"], **_evaluate_split(model, solver.delta_, dataset, ev_idx, cfg, dev, comm),
              "seconds": solver.fit_time_},
-            {"method": "universal random", **evaluate(model, universal_random(shape, eps, cfg.norm, cfg.seed), ev,
-                                                      saliency=cfg.saliency, target_kind=cfg.target_kind, device=dev),
+            {"method": "universal random", **_evaluate_split(model, universal_random(shape, eps, cfg.norm, cfg.seed),
+                                                             dataset, ev_idx, cfg, dev, comm),
              "seconds": 0.0}]
     setup = {k: v for k, v in meta.items()} | {"eval_samples": len(ev_idx), "total seconds": round(time.perf_counter() - t0, 1)}
-    io.write_text_atomic(os.path.join(cfg.out, "report.md"), markdown_report("upi-fast compute", setup, rows, ["upi.png"]))
-    io.write_text_atomic(os.path.join(cfg.out, "report.json"), json_report(setup, rows))
+    if comm.is_main:
+        io.write_text_atomic(os.path.join(cfg.out, "report.md"),
+                             markdown_report("upi-fast compute", setup, rows, ["upi.png"]))
+        io.write_text_atomic(os.path.join(cfg.out, "report.json"), json_report(setup, rows))
     log(format_table(rows))
     log(f"wrote {path}")
     return {"setup": setup, "results": rows, "path": path}

@@ -1,6 +1,9 @@
 """Row accumulators for UPI-PCA: where the direction matrix G goes, block by block.
 
-Every accumulator has ``update(rows)`` (rows: (b, d)) and ``finalize(k) -> (S (k,), Vh (k, d))``.
+Every accumulator has ``update(rows, row_offset=None)`` (rows: (b, d), the first one's global row
+index), ``finalize(k) -> (S (k,), Vh (k, d))`` and ``merge(comm)`` (combine all processes' rows,
+in place, on every rank). Checkpointable ones (``checkpointable = True``) also have
+``state() -> (tensors, meta)`` and ``load(tensors, meta)``.
 ``ExactRows`` holds G in memory (float32) and solves exactly in float64; the others come from
 :mod:`upi_fast.linalg` and never hold G.
 """
@@ -10,7 +13,7 @@ import math
 
 import torch
 
-__all__ = ["SOLVERS", "ExactRows", "make_accumulator", "pca_plus_direction"]
+__all__ = ["SOLVERS", "ExactRows", "resolve_solver", "make_accumulator", "pca_plus_direction"]
 
 SOLVERS = ("auto", "exact", "sketch", "frequent_directions", "subspace", "block_krylov")
 
@@ -21,24 +24,68 @@ def _normalize(rows: torch.Tensor) -> torch.Tensor:
 
 
 class ExactRows:
-    """G kept in memory; exact top singular vectors through the Gram matrix of the smaller side."""
+    """G kept in memory; exact top singular vectors through the Gram matrix of the smaller side.
+
+    Rows carry their global indices (``row_offset``), so that the blocks of several processes are
+    put back in global row order when merged (:meth:`merge`)."""
+
+    checkpointable = True
 
     def __init__(self, d: int, normalize_rows: bool, device) -> None:
         self.d, self.normalize_rows, self.device = d, normalize_rows, device
         self.blocks: list[torch.Tensor] = []
+        self.starts: list[int] = []
+        self._next = 0
 
-    def update(self, rows: torch.Tensor) -> None:
+    def update(self, rows: torch.Tensor, row_offset: int | None = None) -> None:
         if rows.dim() != 2 or rows.shape[1] != self.d:
             raise ValueError(f"rows must have shape (b, {self.d}), got {tuple(rows.shape)}")
         if not bool(torch.isfinite(rows).all()):
             raise ValueError("rows contain NaN or Inf values")
         rows = rows.detach().float()
+        off = self._next if row_offset is None else int(row_offset)
         self.blocks.append(_normalize(rows) if self.normalize_rows else rows)
+        self.starts.append(off)
+        self._next = off + rows.shape[0]
 
     def matrix(self) -> torch.Tensor:
         if not self.blocks:
             raise ValueError("no rows were accumulated")
         return torch.cat(self.blocks)
+
+    def _index(self) -> torch.Tensor:
+        return torch.cat([torch.arange(s, s + b.shape[0]) for s, b in zip(self.starts, self.blocks)]) \
+            if self.blocks else torch.zeros(0, dtype=torch.long)
+
+    def state(self) -> tuple[dict, dict]:
+        """``(tensors, meta)`` for a checkpoint: the rows so far and their global indices."""
+        rows = torch.cat(self.blocks) if self.blocks else torch.zeros(0, self.d)
+        return {"rows": rows.cpu(), "index": self._index()}, {"next": self._next}
+
+    def load(self, tensors: dict, meta: dict) -> None:
+        rows, index = tensors["rows"], tensors["index"]
+        if rows.dim() != 2 or rows.shape[1] != self.d or index.shape != (rows.shape[0],):
+            raise ValueError(f"checkpoint: exact rows of shape {tuple(rows.shape)} do not fit d = {self.d}")
+        self.blocks, self.starts = [], []
+        self._set_rows(rows, index)
+        self._next = int(meta["next"])
+
+    def _set_rows(self, rows: torch.Tensor, index: torch.Tensor) -> None:
+        """Rows in global order, split into contiguous runs of indices."""
+        order = torch.argsort(index, stable=True)
+        rows, index = rows[order].to(self.device), index[order]
+        cuts = (torch.nonzero(index[1:] != index[:-1] + 1).flatten() + 1).tolist() if index.numel() > 1 else []
+        bounds = [0, *cuts, index.numel()]
+        self.blocks = [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        self.starts = [int(index[a]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+    def merge(self, comm) -> None:
+        """Gather every process's rows (all ranks end with all rows, in global row order)."""
+        if not comm.active:
+            return
+        tensors, _ = self.state()
+        parts = comm.all_gather_objects((tensors["rows"], tensors["index"]))
+        self._set_rows(torch.cat([r for r, _ in parts]), torch.cat([i for _, i in parts]))
 
     @property
     def frobenius_sq(self) -> float:
@@ -60,12 +107,18 @@ class ExactRows:
         return S, Vh
 
 
+def resolve_solver(solver: str, d: int, n: int, memory_budget: int) -> str:
+    """``solver``, with ``"auto"`` resolved: ``"exact"`` when the n x d float32 matrix fits
+    ``memory_budget`` bytes (``n`` = 0 when unknown, e.g. a streamed loader), else ``"sketch"``."""
+    if solver == "auto":
+        return "exact" if 0 < n and n * d * 4 <= memory_budget else "sketch"
+    return solver
+
+
 def make_accumulator(solver: str, d: int, n: int, k: int, seed: int, normalize_rows: bool, device,
                      memory_budget: int, spill_dir: str | None, sketch_kwargs: dict):
-    """The accumulator for ``solver``; ``"auto"`` keeps G in memory when ``n * d * 4`` bytes fit
-    ``memory_budget`` (``n`` = 0 when unknown, e.g. a streamed loader) and streams otherwise."""
-    if solver == "auto":
-        solver = "exact" if 0 < n and n * d * 4 <= memory_budget else "sketch"
+    """The accumulator for ``solver`` (``"auto"``: see :func:`resolve_solver`)."""
+    solver = resolve_solver(solver, d, n, memory_budget)
     if solver == "exact":
         return ExactRows(d, normalize_rows, device)
     from ._streaming import streaming_accumulator

@@ -1,22 +1,25 @@
-"""Machinery shared by the solvers: devices, the attack data stream, surrogate handling, defaults."""
+"""Machinery shared by the solvers: devices, precision, surrogate handling, defaults.
+
+The attack data stream lives in :mod:`._batches`, checkpoint plumbing in :mod:`._state`."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
 
 from .._checks import check_choice, check_labels, check_positive, eval_mode
-from ..data import as_batches
 from ..hvp import HVP_MODES, SaliencySpec
 from ..projection import parse_norm
-from ..saliency import postprocess_maps, raw_gradient
 from ..surrogate import softplus_surrogate
 
-__all__ = ["resolve_device", "CleanBatches", "surrogate_context", "default_noise_std", "make_spec",
-           "predict", "check_common"]
+__all__ = ["resolve_device", "surrogate_context", "default_noise_std", "make_spec", "predict", "check_common",
+           "model_check", "PRECISIONS", "check_precision", "autocast_factory", "spec_fields"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def resolve_device(device, model) -> torch.device:
@@ -54,6 +57,17 @@ def make_spec(saliency: str, target_kind: str, dissimilarity: str, saliency_kwar
     return SaliencySpec(method=saliency, target_kind=target_kind, dissimilarity=dissimilarity, **kw)
 
 
+def spec_fields(spec: SaliencySpec) -> dict:
+    """The settings of ``spec`` as JSON-able values (a tensor baseline by shape and checksum)."""
+    out = {}
+    for k, v in sorted(vars(spec).items()):
+        if isinstance(v, torch.Tensor):
+            data = v.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()
+            v = f"tensor{tuple(v.shape)}:{hashlib.sha256(data).hexdigest()[:16]}"
+        out[k] = v
+    return out
+
+
 def default_noise_std(eps: float, norm: float, d: int) -> float:
     """Smoothing noise ``Z``: ``||Z||_2 ~ 0.1 eps`` for L2 (sigma = 0.1 eps / sqrt(d)), sigma = 0.1 eps for Linf."""
     return 0.1 * eps / math.sqrt(d) if norm == 2 else 0.1 * eps
@@ -78,7 +92,9 @@ def predict(model, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
         return torch.cat([model(x[i:i + chunk]).argmax(1) for i in range(0, x.shape[0], chunk)])
 
 
-def _model_check(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def model_check(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Logits (B, K) of the real network on a batch, with clear errors for a model that cannot
+    process the images, returns something else, or NaN / Inf, and for bad labels."""
     try:
         with torch.no_grad():
             logits = model(x)
@@ -93,104 +109,23 @@ def _model_check(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-class CleanBatches:
-    """The attack data as mini-batches ``(x, y, I_ref)`` on ``device``, correctly classified
-    samples only (judged by the real network), with the clean reference maps ``I_ref`` of the
-    attacked network (the surrogate, when one is used).
-
-    A tuple ``(X, y)`` of tensors is filtered and its reference maps computed once and cached
-    (then reshuffled every epoch with ``generator``); a DataLoader is streamed (its own order),
-    each batch filtered and mapped on the fly, nothing held across batches.
-    """
-
-    def __init__(self, model, data, batch_size: int, spec: SaliencySpec, device: torch.device,
-                 generator: torch.Generator | None = None, shuffle: bool = True, cache: bool = True,
-                 surrogate=None) -> None:
-        self.model, self.data, self.batch_size, self.spec = model, data, batch_size, spec
-        self.surrogate = surrogate
-        self.device, self.generator, self.shuffle = device, generator, shuffle
-        self.tensors = _as_tensors(data)
-        self.n_seen = 0
-        self.n_correct = 0
-        self.input_shape: tuple | None = None
-        self._cache = None
-        if self.tensors is not None and cache:
-            self._build_cache()
-
-    def clean_maps(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Reference maps (B, N) of the attacked network (the surrogate, when one is used)."""
-        s = self.spec
-        with surrogate_context(self.model, self.surrogate):
-            g = raw_gradient(self.model, x, y, s.method, s.target_kind, False, s.steps, s.baseline, s.multiply_by_input,
-                             s.smoothgrad_std, s.n_samples, self.generator)
-        return postprocess_maps(g, s.postprocess).detach()
-
-    def _raw_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in as_batches(self.data, self.batch_size):
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-    def _filter(self, x, y):
-        if self.input_shape is None:
-            self.input_shape = tuple(x.shape[1:])
-        elif tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"data has images of shapes {self.input_shape} and {tuple(x.shape[1:])}")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("data contains images with NaN or Inf values")
-        logits = _model_check(self.model, x, y)
-        keep = logits.argmax(1) == y
-        return x[keep], y[keep]
-
-    def _build_cache(self) -> None:
-        xs, ys, ms = [], [], []
-        for x, y in self._raw_batches():
-            self.n_seen += x.shape[0]
-            x, y = self._filter(x, y)
-            if x.shape[0]:
-                xs.append(x)
-                ys.append(y)
-                ms.append(self.clean_maps(x, y))
-        if self.n_seen == 0:
-            raise ValueError("data is empty")
-        if not xs:
-            raise ValueError("the model classifies none of the samples in data correctly")
-        self._cache = (torch.cat(xs), torch.cat(ys), torch.cat(ms))
-        self.n_correct = self._cache[0].shape[0]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        if self._cache is not None:
-            X, Y, M = self._cache
-            n = X.shape[0]
-            if self.shuffle:
-                dev = self.generator.device if self.generator is not None else X.device
-                order = torch.randperm(n, generator=self.generator, device=dev).to(X.device)
-            else:
-                order = torch.arange(n, device=X.device)
-            for i in range(0, n, self.batch_size):
-                idx = order[i:i + self.batch_size]
-                yield X[idx], Y[idx], M[idx]
-            return
-        seen = correct = 0
-        for x, y in self._raw_batches():
-            seen += x.shape[0]
-            x, y = self._filter(x, y)
-            if x.shape[0] == 0:
-                continue
-            correct += x.shape[0]
-            yield x, y, self.clean_maps(x, y)
-        self.n_seen, self.n_correct = seen, correct
-        if seen == 0:
-            raise ValueError("data is empty")
-        if correct == 0:
-            raise ValueError("the model classifies none of the samples in data correctly")
+def check_precision(precision: str) -> None:
+    check_choice("precision", precision, PRECISIONS)
 
 
-def _as_tensors(data):
-    """``(X, y)`` when ``data`` is a pair of tensors (or a TensorSplit), else None (a loader)."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return data[0], data[1]
-    if hasattr(data, "X") and hasattr(data, "y") and isinstance(getattr(data, "X"), torch.Tensor):
-        return data.X, data.y
-    return None
+def autocast_factory(precision: str, device: torch.device) -> Callable[[], ContextManager]:
+    """The context of the saliency / HVP passes for ``precision``: nothing for ``"fp32"``, else
+    ``torch.autocast(device.type, bf16 | fp16)``. The perturbation, the optimiser state and the
+    sketches stay float32 (results are cast back); ``"fp16"`` needs a CUDA device (CPU autocast
+    supports bf16 only here; bf16 on the CPU works but is usually slower and is mostly for testing)."""
+    check_precision(precision)
+    if precision == "fp32":
+        return contextlib.nullcontext
+    if device.type != "cuda" and precision == "fp16":
+        raise ValueError(f"precision='fp16' needs a CUDA device, got device {str(device)!r}; "
+                         "use precision='bf16' or 'fp32' on the CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def check_hvp(hvp: str) -> None:

@@ -6,6 +6,7 @@ import tempfile
 
 import torch
 
+from ..distributed import merge_sketch
 from ..linalg import FrequentDirections, MemmapRowWriter, StreamingSketch, pca_plus_eigenvector, randomized_svd
 
 __all__ = ["SketchRows", "FDRows", "SpilledRows", "streaming_accumulator", "streaming_pca_plus"]
@@ -17,14 +18,28 @@ def _normalize(rows: torch.Tensor) -> torch.Tensor:
 
 
 class SketchRows:
-    """Single pass: :class:`~upi_fast.linalg.StreamingSketch` (mergeable across workers)."""
+    """Single pass: :class:`~upi_fast.linalg.StreamingSketch` (linear: processes' sketches of disjoint
+    global rows are summed, :func:`upi_fast.distributed.merge_sketch`)."""
+
+    checkpointable = True
 
     def __init__(self, d, k, seed, normalize_rows, device, oversample: int = 10) -> None:
         self.sketch = StreamingSketch(d, k=k, oversample=oversample, seed=seed, normalize_rows=normalize_rows,
                                       device=device)
 
-    def update(self, rows: torch.Tensor) -> None:
-        self.sketch.update(rows.detach().float())
+    def update(self, rows: torch.Tensor, row_offset: int | None = None) -> None:
+        self.sketch.update(rows.detach().float(), row_offset)
+
+    def merge(self, comm) -> None:
+        merge_sketch(self.sketch, comm)
+
+    def state(self) -> tuple[dict, dict]:
+        st = self.sketch.state_dict()
+        return ({k: v.cpu() for k, v in st.items() if isinstance(v, torch.Tensor)},
+                {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)})
+
+    def load(self, tensors: dict, meta: dict) -> None:
+        self.sketch.load_state_dict({**meta, **tensors})
 
     def finalize(self, k: int = 1):
         return self.sketch.finalize(k)
@@ -37,13 +52,36 @@ class SketchRows:
 class FDRows:
     """Single pass, deterministic: :class:`~upi_fast.linalg.FrequentDirections`."""
 
+    checkpointable = True
+
     def __init__(self, d, k, normalize_rows, device, ell: int | None = None) -> None:
         self.fd = FrequentDirections(d, ell or max(2 * k + 8, 16), device=device)
         self.normalize_rows = normalize_rows
 
-    def update(self, rows: torch.Tensor) -> None:
+    def update(self, rows: torch.Tensor, row_offset: int | None = None) -> None:
         rows = rows.detach().float()
         self.fd.update(_normalize(rows) if self.normalize_rows else rows)
+
+    def merge(self, comm) -> None:
+        """Every rank's sketch merged in rank order (deterministic; FD is not linear, so the result
+        is a valid FD sketch of all rows but not bit-equal to a single process's)."""
+        if not comm.active:
+            return
+        states = comm.all_gather_objects(self.state())
+        merged = FrequentDirections(self.fd.d, self.fd.ell, device=self.fd.device)
+        for tensors, meta in states:
+            part = FrequentDirections(self.fd.d, self.fd.ell, device=self.fd.device)
+            part.load_state_dict({**meta, **tensors})
+            merged.merge(part)
+        self.fd = merged
+
+    def state(self) -> tuple[dict, dict]:
+        st = self.fd.state_dict()
+        return ({k: v.cpu() for k, v in st.items() if isinstance(v, torch.Tensor)},
+                {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)})
+
+    def load(self, tensors: dict, meta: dict) -> None:
+        self.fd.load_state_dict({**meta, **tensors})
 
     def finalize(self, k: int = 1):
         return self.fd.finalize(k)
@@ -64,9 +102,16 @@ class SpilledRows:
         self.normalize_rows, self.method, self.seed, self.kw, self.device = normalize_rows, method, seed, kw, device
         self._source = None
 
-    def update(self, rows: torch.Tensor) -> None:
+    checkpointable = False
+
+    def update(self, rows: torch.Tensor, row_offset: int | None = None) -> None:
         rows = rows.detach().float()
         self.writer.append(_normalize(rows) if self.normalize_rows else rows)
+
+    def merge(self, comm) -> None:
+        if comm.active:
+            raise ValueError(f"solver={self.method!r} is single-process only (its rows spill to a local file); "
+                             "use solver='sketch' or 'exact' with several processes")
 
     @property
     def operand(self):

@@ -13,7 +13,8 @@ from ..dissimilarity import dissimilarity as dissimilarity_fn
 from ..hvp import HVP_MODES, _loss_grad
 from ..projection import parse_norm, project, random_in_ball, steepest_step
 from ..saliency import postprocess_maps, raw_gradient
-from ._common import CleanBatches, check_common, make_spec, resolve_device, surrogate_context
+from ._batches import CleanBatches
+from ._common import check_common, make_spec, resolve_device, surrogate_context
 
 __all__ = ["universal_random", "per_sample_random", "classification_uap", "per_image_attack"]
 
@@ -65,8 +66,8 @@ def classification_uap(model, data, eps: float, norm=2, epochs: int = 5, batch_s
     lr = 0.1 * eps if lr is None else lr
     spec = make_spec("simple", "prob", "l2", None)
     with eval_mode(model):
-        batches = CleanBatches(model, data, batch_size, spec, dev, gen, shuffle=True)
-        shape = batches.input_shape or tuple(next(iter(batches))[0].shape[1:])
+        batches = CleanBatches(model, data, batch_size, spec, dev, shuffle=True, seed=seed)
+        shape = batches.input_shape
         delta = random_in_ball(shape, eps * 0.5, p, generator=gen, device=dev)
         for _ in tqdm(range(epochs), desc="classification UAP", disable=None if progress else True, leave=False):
             for x, y, _ in batches:

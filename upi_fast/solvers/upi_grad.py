@@ -13,10 +13,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_model, check_positive, eval_mode
+from ..checkpoint import generator_state, set_generator_state
+from ..distributed import current
 from ..hvp import _loss_grad
 from ..projection import project, random_in_ball, steepest_step
-from ._common import CleanBatches, check_common, check_hvp, default_noise_std, make_spec, resolve_device, \
-    surrogate_context
+from ._batches import CleanBatches, batch_noise
+from ._common import (autocast_factory, check_common, check_hvp, check_precision, default_noise_std, make_spec,
+                      resolve_device, spec_fields, surrogate_context)
+from ._state import RunCheckpoints, check_checkpoint_args
 
 __all__ = ["UPIGrad"]
 
@@ -53,6 +57,19 @@ class UPIGrad:
         saliency_kwargs: extra saliency options (``steps``, ``baseline``, ``multiply_by_input``,
             ``smoothgrad_std``, ``n_samples``, ``k``).
         fd_step: relative step of the finite-difference modes.
+        checkpoint_dir: folder for checkpoints (None: none); ``fit(..., resume=True)`` continues from it.
+        checkpoint_every: write a checkpoint every this many steps (global batches); the newest two
+            are kept. A checkpoint holds delta, the Adam moments and step, the noise generator state,
+            the data position (epoch, batch) and the loss history.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: autocast for the saliency and HVP
+            passes (delta and the optimiser stay float32; ``"fp16"`` needs CUDA).
+
+    Distributed (``torch.distributed`` initialised, e.g. under ``torchrun``): each global batch is
+    split across the processes; each computes the gradient sum of its correctly classified samples,
+    and the sums and counts are all-reduced into the global mean, so every process holds the same
+    delta, equal (to rounding) to a single process's with the same ``batch_size``. The smoothing
+    noise is drawn per global batch from a generator shared by all processes; smoothgrad's own
+    draws are per process (equal to a single process's only for the other saliency methods).
 
     Attributes (after :meth:`fit`):
         delta_: the perturbation (C, H, W), float32, on the CPU.
@@ -65,7 +82,8 @@ class UPIGrad:
                  dissimilarity: str = "l2", epochs: int = 10, batch_size: int = 128, lr: float | None = None,
                  optimizer: str = "normalized", noise_std: float | None = None, hvp: str = "double_backward",
                  surrogate=None, preserve_labels: float = 0.0, seed: int = 0, device=None, progress: bool = True,
-                 saliency_kwargs: dict | None = None, fd_step: float = 1e-2, lr_schedule: str = "cosine") -> None:
+                 saliency_kwargs: dict | None = None, fd_step: float = 1e-2, lr_schedule: str = "cosine",
+                 checkpoint_dir=None, checkpoint_every: int | None = None, precision: str = "fp32") -> None:
         check_model(model)
         self.norm = check_common(eps, norm, batch_size, seed)
         check_positive("epochs", epochs, integer=True)
@@ -77,6 +95,9 @@ class UPIGrad:
         if noise_std is not None:
             check_positive("noise_std", noise_std, allow_zero=True)
         check_positive("preserve_labels", preserve_labels, allow_zero=True)
+        check_checkpoint_args(checkpoint_dir, checkpoint_every)
+        check_precision(precision)
+        self.checkpoint_dir, self.checkpoint_every, self.precision = checkpoint_dir, checkpoint_every, precision
         self.spec = make_spec(saliency, target_kind, dissimilarity, saliency_kwargs)
         self.model, self.eps, self.epochs, self.batch_size = model, float(eps), epochs, batch_size
         self.lr, self.optimizer, self.noise_std, self.hvp = lr, optimizer, noise_std, hvp
@@ -95,54 +116,101 @@ class UPIGrad:
         lo = lr / 25.0
         return lo + (lr - lo) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
-    def fit(self, data) -> "UPIGrad":
+    def fit(self, data, resume: bool = False) -> "UPIGrad":
         """Compute the perturbation on ``data``: a DataLoader of ``(x, y)`` or a tuple ``(X, y)``.
 
-        Only samples the clean model classifies correctly are used. Returns ``self``.
+        Only samples the clean model classifies correctly are used. With ``resume=True`` the run
+        continues from the newest good checkpoint in ``checkpoint_dir`` (from scratch when there is
+        none) and ends as an uninterrupted run would. Under ``torch.distributed`` every process
+        calls ``fit`` with the same data; each handles its share of every global batch and all end
+        with the same ``delta_``. Returns ``self``.
         """
         t0 = time.perf_counter()
+        comm = current()
         device = resolve_device(self.device, self.model)
-        gen = torch.Generator(device=device).manual_seed(self.seed)
+        autocast = autocast_factory(self.precision, device)
         with eval_mode(self.model):
-            batches = CleanBatches(self.model, data, self.batch_size, self.spec, device, gen, shuffle=True,
-                                   surrogate=self.surrogate)
-            shape = batches.input_shape
-            if shape is None:  # streamed loader: peek at the first batch
-                x0, _, _ = next(iter(batches))
-                shape = tuple(x0.shape[1:])
+            stream = CleanBatches(self.model, data, self.batch_size, self.spec, device, shuffle=True,
+                                  surrogate=self.surrogate, seed=self.seed, comm=comm, autocast=autocast)
+            shape = stream.input_shape
             d = math.prod(shape)
             lr = self.lr if self.lr is not None else self._default_lr(d)
             sigma = self.noise_std if self.noise_std is not None else default_noise_std(self.eps, self.norm, d)
+            ckpt = RunCheckpoints(self.checkpoint_dir, self.checkpoint_every, "UPIGrad",
+                                  self._config(stream), comm, resume)
+            gen = torch.Generator(device=device).manual_seed(self.seed)
             delta = random_in_ball(shape, self.eps, self.norm, generator=gen, device=device)
-            adam = _Adam(delta) if self.optimizer == "adam" else None
-            history: list[float] = []
-            per_epoch = (math.ceil(batches.n_correct / self.batch_size) if batches.n_correct
-                         else len(data) if hasattr(data, "__len__") and not isinstance(data, tuple) else 0)
-            total = self.epochs * per_epoch
-            with tqdm(total=total or None, desc="UPI-Grad", disable=None if self.progress else True, leave=False) as bar:
-                for _ in range(self.epochs):
-                    for x, y, I_ref in batches:
-                        loss, grad = self._objective_grad(x, y, I_ref, delta, sigma, gen)
-                        delta = self._step(delta, grad, self._lr_at(lr, len(history), total), adam)
-                        history.append(float(loss.mean()))
+            st = _GradState(delta, _Adam(delta) if self.optimizer == "adam" else None, gen)
+            if resume:
+                st.restore(ckpt.restore(), device)
+            total = self.epochs * stream.batches_per_epoch
+            show = self.progress and comm.is_main
+            with tqdm(total=total or None, initial=st.batch_count, desc="UPI-Grad", disable=None if show else True,
+                      leave=False) as bar:
+                for epoch in range(st.epoch, self.epochs):
+                    for batch in stream.epoch(epoch, start=st.batch):
+                        self._train_step(st, batch, stream, sigma, lr, total, autocast)
+                        st.advance(batch)
+                        ckpt.maybe_save(st.batch_count, st.checkpoint)
                         bar.update(1)
-                        bar.set_postfix(loss=f"{history[-1]:.4f}")
+                        if st.history:
+                            bar.set_postfix(loss=f"{st.history[-1]:.4f}")
+                    st.end_epoch()
+            delta = comm.broadcast_(st.delta)
         self.delta_ = delta.detach().float().cpu()
-        self.history_ = history
-        self.n_samples_ = batches.n_correct
-        self.n_steps_ = len(history)
+        self.history_ = list(st.history)
+        self.n_samples_ = stream.n_correct if stream.kind == "cached" else st.epoch_correct
+        self.n_steps_ = len(st.history)
         self.fit_time_ = time.perf_counter() - t0
         return self
 
-    def _objective_grad(self, x, y, I_ref, delta, sigma, gen):
-        with surrogate_context(self.model, self.surrogate):
-            loss, grad = _loss_grad(self.model, x, y, I_ref, delta.to(x.dtype), self.spec, self.hvp, sigma, gen,
-                                    self.fd_step)
+    def _config(self, stream) -> dict:
+        """What must match to resume a checkpoint."""
+        return {"eps": self.eps, "norm": self.norm, "saliency": self.saliency, "target_kind": self.target_kind,
+                "dissimilarity": self.dissimilarity, "spec": spec_fields(self.spec), "epochs": self.epochs,
+                "batch_size": self.batch_size, "lr": self.lr, "optimizer": self.optimizer,
+                "noise_std": self.noise_std, "hvp": self.hvp, "surrogate": self.surrogate,
+                "preserve_labels": self.preserve_labels, "seed": self.seed, "fd_step": self.fd_step,
+                "lr_schedule": self.lr_schedule, "precision": self.precision,
+                "data": {"kind": stream.kind, "input_shape": stream.input_shape,
+                         "batches_per_epoch": stream.batches_per_epoch}}
+
+    def _train_step(self, st: "_GradState", batch, stream, sigma: float, lr: float, total: int, autocast) -> None:
+        """One global step: noise for the global batch, this rank's gradient sum, all-reduced into the
+        global mean (over the global batch's correctly classified samples), then the update."""
+        z = batch_noise(batch, stream.input_shape, sigma, st.gen, stream.dtype, st.delta.device)
+        if batch.n_global == 0:
+            return
+        sg_gen = stream.smoothgrad_generator(st.epoch, batch.index, 1)
+        loss_mean, grad = self._global_grad(batch, st.delta, z, sg_gen, stream, autocast)
+        st.delta = self._step(st.delta, grad, self._lr_at(lr, len(st.history), total), st.adam)
+        st.history.append(loss_mean)
+
+    def _global_grad(self, batch, delta, z, sg_gen, stream, autocast) -> tuple[float, torch.Tensor]:
+        """``(mean loss, mean gradient)`` over the global batch, the same on every rank."""
+        d = delta.numel()
+        buf = torch.zeros(d + 1, dtype=torch.float64, device=delta.device)
+        if batch.n:
+            x, y = batch.x, batch.y
+            loss, grad = self._objective_grad(x if z is None else x + z.to(x.dtype), y, batch.I_ref, delta, sg_gen,
+                                              autocast, x_clean=x)
+            buf[:d] = grad.reshape(-1).double() * (batch.n / batch.n_global)
+            buf[d] = loss.double().sum()
+        stream.comm.all_reduce_(buf)
+        if not bool(torch.isfinite(buf).all()):
+            raise ValueError(f"the attack gradient is NaN or Inf (precision={self.precision!r}); "
+                             "use precision='fp32' or a smaller eps / noise_std")
+        return float(buf[d]) / batch.n_global, buf[:d].reshape(delta.shape).to(delta.dtype)
+
+    def _objective_grad(self, x_eval, y, I_ref, delta, generator, autocast, x_clean):
+        with surrogate_context(self.model, self.surrogate), autocast():
+            loss, grad = _loss_grad(self.model, x_eval, y, I_ref, delta.to(x_eval.dtype), self.spec, self.hvp, 0.0,
+                                    generator, self.fd_step)
         if self.preserve_labels > 0:
             with torch.enable_grad():
-                d = delta.detach().requires_grad_(True)
-                ce = torch.nn.functional.cross_entropy(self.model(x + d), y)
-                (g_ce,) = torch.autograd.grad(ce, d)
+                dd = delta.detach().to(x_clean.dtype).requires_grad_(True)
+                ce = torch.nn.functional.cross_entropy(self.model(x_clean + dd), y)
+                (g_ce,) = torch.autograd.grad(ce, dd)
             grad = grad - self.preserve_labels * g_ce
         return loss, grad
 
@@ -158,6 +226,52 @@ class UPIGrad:
     def __repr__(self) -> str:
         return (f"UPIGrad(eps={self.eps}, norm={self.norm}, saliency={self.saliency!r}, hvp={self.hvp!r}, "
                 f"optimizer={self.optimizer!r}, epochs={self.epochs}, batch_size={self.batch_size})")
+
+
+class _GradState:
+    """Everything a UPI-Grad run carries from step to step (and what a checkpoint holds)."""
+
+    def __init__(self, delta: torch.Tensor, adam: "_Adam | None", gen: torch.Generator) -> None:
+        self.delta, self.adam, self.gen = delta, adam, gen
+        self.epoch = self.batch = self.batch_count = 0  # position: next batch of epoch; batches done
+        self.history: list[float] = []
+        self.seen = self.correct = 0  # this epoch so far
+        self.epoch_correct = 0  # correctly classified samples of the last full epoch
+
+    def advance(self, batch) -> None:
+        self.batch, self.batch_count = self.batch + 1, self.batch_count + 1
+        self.seen, self.correct = self.seen + batch.size, self.correct + batch.n_global
+
+    def end_epoch(self) -> None:
+        self.epoch, self.batch = self.epoch + 1, 0
+        self.epoch_correct, self.seen, self.correct = self.correct, 0, 0
+
+    def checkpoint(self) -> tuple[dict, dict]:
+        tensors = {"delta": self.delta, "gen_state": generator_state(self.gen),
+                   "history": torch.tensor(self.history, dtype=torch.float64)}
+        meta = {"epoch": self.epoch, "batch": self.batch, "batch_count": self.batch_count, "seen": self.seen,
+                "correct": self.correct, "epoch_correct": self.epoch_correct}
+        if self.adam is not None:
+            tensors.update({"adam.m": self.adam.m, "adam.v": self.adam.v})
+            meta["adam.t"] = self.adam.t
+        return tensors, meta
+
+    def restore(self, found, device) -> None:
+        if found is None:
+            return
+        tensors, meta = found
+        if tuple(tensors["delta"].shape) != tuple(self.delta.shape):
+            raise ValueError(f"resume: the checkpoint's delta has shape {tuple(tensors['delta'].shape)}, the data "
+                             f"{tuple(self.delta.shape)}")
+        self.delta = tensors["delta"].to(device, self.delta.dtype)
+        set_generator_state(self.gen, tensors["gen_state"])
+        self.history = tensors["history"].tolist()
+        for k in ("epoch", "batch", "batch_count", "seen", "correct", "epoch_correct"):
+            setattr(self, k, int(meta[k]))
+        if self.adam is not None:
+            self.adam.m = tensors["adam.m"].to(device, self.delta.dtype)
+            self.adam.v = tensors["adam.v"].to(device, self.delta.dtype)
+            self.adam.t = int(meta["adam.t"])
 
 
 class _Adam:

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -20,13 +21,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_model, check_positive, eval_mode
-from ..hvp import _loss_grad
-from ..saliency import raw_gradient
+from ..checkpoint import generator_state, set_generator_state
 from ..dissimilarity import dissimilarity as dissimilarity_fn
-from ..saliency import postprocess_maps
-from ._accumulators import SOLVERS, make_accumulator, pca_plus_direction
-from ._common import CleanBatches, check_common, check_hvp, default_noise_std, make_spec, resolve_device, \
-    surrogate_context
+from ..distributed import current
+from ..hvp import _loss_grad
+from ..saliency import postprocess_maps, raw_gradient
+from ._accumulators import SOLVERS, make_accumulator, pca_plus_direction, resolve_solver
+from ._batches import CleanBatches, batch_noise
+from ._common import (autocast_factory, check_common, check_hvp, check_precision, default_noise_std, make_spec,
+                      resolve_device, spec_fields, surrogate_context)
+from ._state import RunCheckpoints, check_checkpoint_args
 
 __all__ = ["UPIPCA"]
 
@@ -56,6 +60,16 @@ class UPIPCA:
         n_components: singular values / vectors to report (the perturbation uses the first).
         memory_budget: bytes the exact solver may use for G (``"auto"``).
         sketch_kwargs: extra arguments of the streaming solver (oversample, n_iter, ...).
+        checkpoint_dir, checkpoint_every: as :class:`UPIGrad` (steps = direction batches, counted over
+            all rounds); a checkpoint holds the round, the batch position, the noise generator state,
+            delta of the previous rounds and every process's partial accumulators (sketch state,
+            exact rows so far, or FD buffer); the multi-pass solvers cannot be checkpointed. Resuming
+            a distributed run needs the same number of processes.
+        precision: as :class:`UPIGrad` (rows and sketches stay float32).
+
+    Distributed: ``"sketch"`` and ``"exact"`` give the single-process result to rounding;
+    ``"frequent_directions"`` merges the processes' sketches (valid, not bit-equal);
+    ``"subspace"`` / ``"block_krylov"`` are single-process only.
 
     Attributes (after :meth:`fit`):
         delta_: (C, H, W) float32 CPU. sign_: +1 or -1. singular_values_: (n_components,) of G.
@@ -70,7 +84,8 @@ class UPIPCA:
                  seed: int = 0, device=None, progress: bool = True, hvp: str = "double_backward", surrogate=None,
                  saliency_kwargs: dict | None = None, fd_step: float = 1e-2, n_components: int = 1,
                  memory_budget: int = 2 * 2**30, spill_dir: str | None = None,
-                 sketch_kwargs: dict | None = None) -> None:
+                 sketch_kwargs: dict | None = None, checkpoint_dir=None, checkpoint_every: int | None = None,
+                 precision: str = "fp32") -> None:
         check_model(model)
         self.norm = check_common(eps, norm, batch_size, seed)
         check_choice("solver", solver, SOLVERS)
@@ -81,6 +96,10 @@ class UPIPCA:
             check_positive("noise_std", noise_std, allow_zero=True)
         if plus_lambda is not None:
             check_positive("plus_lambda", plus_lambda, allow_zero=True)
+        check_checkpoint_args(checkpoint_dir, checkpoint_every)
+        check_precision(precision)
+        self.checkpoint_dir, self.checkpoint_every, self.precision = checkpoint_dir, checkpoint_every, precision
+        self._autocast = contextlib.nullcontext
         self.spec = make_spec(saliency, target_kind, dissimilarity, saliency_kwargs)
         self.model, self.eps, self.noise_std, self.normalize_rows = model, float(eps), noise_std, bool(normalize_rows)
         self.solver, self.plus_lambda, self.rounds, self.batch_size = solver, plus_lambda, rounds, batch_size
@@ -91,16 +110,22 @@ class UPIPCA:
 
     # -- the pieces -------------------------------------------------------------------------------
     def directions(self, x, y, I_ref, delta_prev, sigma, gen) -> torch.Tensor:
-        """Per-sample attack directions (B, d): ``grad_{x'} D(I(x_i), I(x'))`` at ``x' = x + z + delta_prev``."""
-        B = x.shape[0]
-        per = delta_prev.to(x.dtype).expand(B, *delta_prev.shape).contiguous()
-        with surrogate_context(self.model, self.surrogate):
-            _, g = _loss_grad(self.model, x, y, I_ref, per, self.spec, self.hvp, sigma, gen, self.fd_step)
+        """Per-sample attack directions (B, d): ``grad_{x'} D(I(x_i), I(x'))`` at ``x' = x + z + delta_prev``
+        (``z`` drawn from ``gen`` with std ``sigma``)."""
+        z = None if sigma == 0 else sigma * torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
+        return self._directions(x if z is None else x + z, y, I_ref, delta_prev, gen)
+
+    def _directions(self, x_eval, y, I_ref, delta_prev, sg_gen) -> torch.Tensor:
+        B = x_eval.shape[0]
+        per = delta_prev.to(x_eval.dtype).expand(B, *delta_prev.shape).contiguous()
+        with surrogate_context(self.model, self.surrogate), self._autocast():
+            _, g = _loss_grad(self.model, x_eval, y, I_ref, per, self.spec, self.hvp, 0.0, sg_gen, self.fd_step)
         return (g * B).reshape(B, -1)
 
     def label_directions(self, x, y) -> torch.Tensor:
         """Rows of V for PCA+: ``grad_x p_y(x_i)`` (B, d) of the real network."""
-        g = raw_gradient(self.model, x, y, "simple", "prob")
+        with self._autocast():
+            g = raw_gradient(self.model, x, y, "simple", "prob")
         return g.reshape(x.shape[0], -1)
 
     def _perturbation(self, v: torch.Tensor, shape) -> torch.Tensor:
@@ -109,77 +134,200 @@ class UPIPCA:
             return self.eps * v.sign()
         return self.eps * v / v.norm().clamp_min(1e-30)
 
-    def _mean_dissimilarity(self, batches: CleanBatches, delta: torch.Tensor) -> float:
-        """Mean attack loss of ``delta`` over the attack data (real network, no noise)."""
-        tot, n = 0.0, 0
+    def _sign_scores(self, stream: CleanBatches, cand: torch.Tensor) -> tuple[float, float]:
+        """Mean attack loss of ``+cand`` and ``-cand`` over the attack data (real network, no noise),
+        summed over all processes' shares."""
+        tot_p = tot_m = 0.0
+        n = 0
         s = self.spec
-        for x, y, _ in batches:
-            ref = postprocess_maps(raw_gradient(self.model, x, y, s.method, s.target_kind, False, s.steps, s.baseline,
-                                                s.multiply_by_input), s.postprocess)
-            adv = postprocess_maps(raw_gradient(self.model, x + delta.to(x.dtype), y, s.method, s.target_kind, False,
-                                                s.steps, s.baseline, s.multiply_by_input), s.postprocess)
-            tot += float(dissimilarity_fn(adv, ref, s.dissimilarity, k=s.k).sum())
-            n += x.shape[0]
-        return tot / max(n, 1)
+
+        def maps(x, y):
+            with self._autocast():
+                g = raw_gradient(self.model, x, y, s.method, s.target_kind, False, s.steps, s.baseline,
+                                 s.multiply_by_input)
+                return postprocess_maps(g, s.postprocess)
+
+        for batch in stream.epoch(0, maps=False):
+            if not batch.n:
+                continue
+            x, y = batch.x, batch.y
+            ref = maps(x, y)
+            for sign in (1, -1):
+                adv = maps(x + sign * cand.to(x.dtype), y)
+                val = float(dissimilarity_fn(adv.to(x.dtype), ref.to(x.dtype), s.dissimilarity, k=s.k).sum())
+                if sign == 1:
+                    tot_p += val
+                else:
+                    tot_m += val
+            n += batch.n
+        tot_p, tot_m, n = stream.comm.sum_floats(tot_p, tot_m, n)
+        return tot_p / max(n, 1), tot_m / max(n, 1)
+
+    def _accumulators(self, solver: str, d: int, n: int, r: int, device):
+        rows = make_accumulator(solver, d, n, self.n_components, self.seed + r, self.normalize_rows, device,
+                                self.memory_budget, self.spill_dir, self.sketch_kwargs)
+        lab = (make_accumulator(solver, d, n, 1, self.seed + 7919 + r, self.normalize_rows, device,
+                                self.memory_budget, self.spill_dir, self.sketch_kwargs)
+               if self.plus_lambda is not None else None)
+        return rows, lab
+
+    def _config(self, stream, solver: str) -> dict:
+        """What must match to resume a checkpoint."""
+        return {"eps": self.eps, "norm": self.norm, "spec": spec_fields(self.spec), "noise_std": self.noise_std,
+                "normalize_rows": self.normalize_rows, "solver": solver, "plus_lambda": self.plus_lambda,
+                "rounds": self.rounds, "batch_size": self.batch_size, "seed": self.seed, "hvp": self.hvp,
+                "surrogate": self.surrogate, "fd_step": self.fd_step, "n_components": self.n_components,
+                "sketch_kwargs": self.sketch_kwargs, "precision": self.precision,
+                "data": {"kind": stream.kind, "input_shape": stream.input_shape,
+                         "batches_per_epoch": stream.batches_per_epoch}}
+
+    def _collect(self, stream: CleanBatches, st: "_PCAState", r: int, rows, lab, sigma: float, ckpt) -> None:
+        """Round ``r``'s direction rows of this process's shares, from ``st.batch`` on, into the
+        accumulators (global row indices), checkpointing when due."""
+        show = self.progress and stream.comm.is_main
+        with tqdm(total=stream.batches_per_epoch or None, initial=st.batch, desc=f"UPI-PCA round {r + 1}/{self.rounds}",
+                  disable=None if show else True, leave=False) as bar:
+            for batch in stream.epoch(r, start=st.batch):
+                z = batch_noise(batch, stream.input_shape, sigma, st.gen, stream.dtype, st.delta.device)
+                if batch.n:
+                    x_eval = batch.x if z is None else batch.x + z.to(batch.x.dtype)
+                    g = self._directions(x_eval, batch.y, batch.I_ref, st.delta,
+                                         stream.smoothgrad_generator(r, batch.index, 1))
+                    rows.update(g, row_offset=st.row_base + batch.offset)
+                    if lab is not None:
+                        lab.update(self.label_directions(batch.x, batch.y), row_offset=st.row_base + batch.offset)
+                st.advance(batch.n_global)
+                ckpt.maybe_save(st.position, lambda: st.checkpoint(stream.comm, rows, lab))
+                bar.update(1)
+
+    def _solve(self, rows, lab, r: int, comm):
+        """Merge the processes' accumulators; ``(S, Vh, v)`` with ``v`` the UPI-PCA (or PCA+) direction."""
+        for acc in (rows, lab):
+            if acc is not None:
+                acc.merge(comm)
+        S, Vh = rows.finalize(self.n_components)
+        if self.plus_lambda is None:
+            self.eigenvalue_, self.residual_ = None, None
+            return S, Vh, Vh[0]
+        v, theta, resid = pca_plus_direction(rows, lab, self.plus_lambda, seed=self.seed + r)
+        self.eigenvalue_, self.residual_ = float(theta), float(resid)
+        return S, Vh, v
 
     # -- fit ---------------------------------------------------------------------------------------
-    def fit(self, data) -> "UPIPCA":
+    def fit(self, data, resume: bool = False) -> "UPIPCA":
         """Compute the perturbation from ``data`` (a DataLoader of ``(x, y)`` or a tuple ``(X, y)``).
 
-        ``data`` is read only here; the sign is chosen on it too (never on evaluation data).
+        ``data`` is read only here; the sign is chosen on it too (never on evaluation data). With
+        ``resume=True`` the run continues from the newest good checkpoint in ``checkpoint_dir``.
+        Under ``torch.distributed`` each process computes the rows of its share of every global
+        batch (with global row indices, so the test matrices agree), the accumulators are merged
+        (sketches summed, exact rows gathered) and the sign is decided on the whole attack split.
         """
         t0 = time.perf_counter()
+        comm = current()
         device = resolve_device(self.device, self.model)
-        gen = torch.Generator(device=device).manual_seed(self.seed)
-        with eval_mode(self.model):
-            batches = CleanBatches(self.model, data, self.batch_size, self.spec, device, gen, shuffle=False,
-                                   surrogate=self.surrogate)
-            shape = batches.input_shape
-            if shape is None:
-                shape = tuple(next(iter(batches))[0].shape[1:])
-            d = math.prod(shape)
-            sigma = self.noise_std if self.noise_std is not None else default_noise_std(self.eps, self.norm, d)
-            delta = torch.zeros(shape, device=device)
-            for r in range(self.rounds):
-                rows = make_accumulator(self.solver, d, batches.n_correct, self.n_components, self.seed + r,
-                                        self.normalize_rows, device, self.memory_budget, self.spill_dir,
-                                        self.sketch_kwargs)
-                lab = (make_accumulator(self.solver, d, batches.n_correct,
-                                        1, self.seed + 7919 + r, self.normalize_rows, device, self.memory_budget,
-                                        self.spill_dir, self.sketch_kwargs)
-                       if self.plus_lambda is not None else None)
-                try:
-                    with tqdm(total=batches.n_correct or None, desc=f"UPI-PCA round {r + 1}/{self.rounds}",
-                              disable=None if self.progress else True, leave=False) as bar:
-                        for x, y, I_ref in batches:
-                            rows.update(self.directions(x, y, I_ref, delta, sigma, gen))
-                            if lab is not None:
-                                lab.update(self.label_directions(x, y))
-                            bar.update(x.shape[0])
-                    S, Vh = rows.finalize(self.n_components)
-                    if self.plus_lambda is not None:
-                        v, theta, resid = pca_plus_direction(rows, lab, self.plus_lambda, seed=self.seed + r)
-                        self.eigenvalue_, self.residual_ = float(theta), float(resid)
-                    else:
-                        v = Vh[0]
-                        self.eigenvalue_, self.residual_ = None, None
-                finally:
-                    for acc in (rows, lab):
-                        if hasattr(acc, "close"):
-                            acc.close()
-                cand = self._perturbation(v.to(device), shape)
-                scores = (self._mean_dissimilarity(batches, cand), self._mean_dissimilarity(batches, -cand))
-                sign = 1 if scores[0] >= scores[1] else -1
-                delta = sign * cand
-        self.delta_ = delta.detach().float().cpu()
+        self._autocast = autocast_factory(self.precision, device)
+        try:
+            with eval_mode(self.model):
+                self._fit(data, resume, comm, device)
+        finally:
+            self._autocast = contextlib.nullcontext
+        self.fit_time_ = time.perf_counter() - t0
+        return self
+
+    def _fit(self, data, resume: bool, comm, device) -> None:
+        stream = CleanBatches(self.model, data, self.batch_size, self.spec, device, shuffle=False,
+                              surrogate=self.surrogate, seed=self.seed, comm=comm, autocast=self._autocast)
+        shape = stream.input_shape
+        d = math.prod(shape)
+        sigma = self.noise_std if self.noise_std is not None else default_noise_std(self.eps, self.norm, d)
+        solver = resolve_solver(self.solver, d, stream.n_correct, self.memory_budget)
+        if solver in ("subspace", "block_krylov") and (comm.active or self.checkpoint_dir is not None):
+            raise ValueError(f"solver={solver!r} spills rows to a local file: it supports neither several processes "
+                             "nor checkpoints; use solver='sketch', 'exact' or 'frequent_directions'")
+        ckpt = RunCheckpoints(self.checkpoint_dir, self.checkpoint_every, "UPIPCA", self._config(stream, solver),
+                              comm, resume)
+        st = _PCAState(torch.zeros(shape, device=device), torch.Generator(device=device).manual_seed(self.seed))
+        found = st.restore(ckpt.restore(), device, comm) if resume else None
+        for r in range(st.round, self.rounds):
+            rows, lab = self._accumulators(solver, d, stream.n_correct, r, device)
+            try:
+                if found is not None:
+                    st.load_accumulators(found, comm.rank, rows, lab)
+                    found = None
+                self._collect(stream, st, r, rows, lab, sigma, ckpt)
+                S, Vh, v = self._solve(rows, lab, r, comm)
+            finally:
+                for acc in (rows, lab):
+                    if hasattr(acc, "close"):
+                        acc.close()
+            cand = self._perturbation(v.to(device), shape)
+            scores = self._sign_scores(stream, cand)
+            sign = 1 if scores[0] >= scores[1] else -1
+            st.delta = comm.broadcast_((sign * cand).float().contiguous())
+            st.end_round()
+        self.delta_ = st.delta.detach().float().cpu()
         self.sign_ = sign
         self.sign_scores_ = {"+1": scores[0], "-1": scores[1]}
         self.singular_values_ = S.detach().float().cpu()
         self.components_ = Vh.detach().float().cpu()
-        self.n_samples_ = batches.n_correct
-        self.fit_time_ = time.perf_counter() - t0
-        return self
+        self.n_samples_ = stream.n_correct if stream.n_correct else st.last_rows
 
     def __repr__(self) -> str:
         return (f"UPIPCA(eps={self.eps}, norm={self.norm}, saliency={self.saliency!r}, solver={self.solver!r}, "
                 f"plus_lambda={self.plus_lambda}, rounds={self.rounds})")
+
+
+class _PCAState:
+    """Everything a UPI-PCA run carries between direction batches (and what a checkpoint holds)."""
+
+    def __init__(self, delta: torch.Tensor, gen: torch.Generator) -> None:
+        self.delta, self.gen = delta, gen
+        self.round = self.batch = self.position = 0  # next batch of the round; batches done in all rounds
+        self.row_base = 0  # global rows (kept samples) before the next batch of this round
+        self.last_rows = 0
+
+    def advance(self, n_global: int) -> None:
+        self.batch, self.position, self.row_base = self.batch + 1, self.position + 1, self.row_base + n_global
+
+    def end_round(self) -> None:
+        self.round, self.batch, self.last_rows, self.row_base = self.round + 1, 0, self.row_base, 0
+
+    def checkpoint(self, comm, rows, lab) -> tuple[dict, dict]:
+        """The state, with every process's accumulators gathered (rank 0 writes them all)."""
+        mine = {name: acc.state() for name, acc in (("rows", rows), ("lab", lab)) if acc is not None}
+        every = comm.all_gather_objects(mine)
+        tensors = {"delta": self.delta, "gen_state": generator_state(self.gen)}
+        meta = {"round": self.round, "batch": self.batch, "position": self.position, "row_base": self.row_base,
+                "acc": {}}
+        for rank, accs in enumerate(every):
+            for name, (t, m) in accs.items():
+                tensors.update({f"acc.{rank}.{name}.{k}": v for k, v in t.items()})
+                meta["acc"][f"{rank}.{name}"] = m
+        return tensors, meta
+
+    def restore(self, found, device, comm):
+        if found is None:
+            return None
+        tensors, meta = found
+        if meta.get("world_size") != comm.world:
+            raise ValueError(f"resume: this UPI-PCA checkpoint was written by {meta.get('world_size')} process(es); "
+                             f"resume it with the same number (now {comm.world})")
+        if tuple(tensors["delta"].shape) != tuple(self.delta.shape):
+            raise ValueError(f"resume: the checkpoint's delta has shape {tuple(tensors['delta'].shape)}, the data "
+                             f"{tuple(self.delta.shape)}")
+        self.delta = tensors["delta"].to(device, self.delta.dtype)
+        set_generator_state(self.gen, tensors["gen_state"])
+        self.round, self.batch, self.position = int(meta["round"]), int(meta["batch"]), int(meta["position"])
+        self.row_base = int(meta["row_base"])
+        return found
+
+    @staticmethod
+    def load_accumulators(found, rank: int, rows, lab) -> None:
+        tensors, meta = found
+        for name, acc in (("rows", rows), ("lab", lab)):
+            key = f"{rank}.{name}"
+            if acc is None or key not in meta["acc"]:
+                continue
+            prefix = f"acc.{key}."
+            acc.load({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["acc"][key])
