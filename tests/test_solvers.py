@@ -219,3 +219,17 @@ def test_upi_pca_streaming_solvers_match_exact(solver, tmp_path):
         c = (plus.delta_.reshape(-1) @ plus_exact.delta_.reshape(-1)).abs() / 0.25
         assert c > 0.999
     assert not list(tmp_path.iterdir())  # spill files are removed
+
+
+def test_upi_pca_auto_solver_spills_when_matrix_exceeds_budget(tmp_path):
+    from upi_fast.solvers._accumulators import resolve_solver
+    assert resolve_solver("auto", 100, 10, 10**6) == "exact"
+    assert resolve_solver("auto", 100, 10**5, 10**6) == "block_krylov"
+    with pytest.warns(UserWarning, match="single-pass"):
+        assert resolve_solver("auto", 100, 10**5, 10**6, multi_pass_ok=False) == "sketch"
+    m, X, y = _tiny()
+    exact = UPIPCA(m, 0.5, solver="exact", progress=False, seed=2).fit((X, y))
+    auto = UPIPCA(m, 0.5, solver="auto", memory_budget=1000, spill_dir=str(tmp_path), progress=False,
+                  seed=2).fit((X, y))
+    cos = (exact.components_[0] @ auto.components_[0]).abs()
+    assert cos > 0.999 and not list(tmp_path.iterdir())

@@ -10,6 +10,7 @@ in place, on every rank). Checkpointable ones (``checkpointable = True``) also h
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -107,12 +108,23 @@ class ExactRows:
         return S, Vh
 
 
-def resolve_solver(solver: str, d: int, n: int, memory_budget: int) -> str:
+def resolve_solver(solver: str, d: int, n: int, memory_budget: int, multi_pass_ok: bool = True) -> str:
     """``solver``, with ``"auto"`` resolved: ``"exact"`` when the n x d float32 matrix fits
-    ``memory_budget`` bytes (``n`` = 0 when unknown, e.g. a streamed loader), else ``"sketch"``."""
-    if solver == "auto":
-        return "exact" if 0 < n and n * d * 4 <= memory_budget else "sketch"
-    return solver
+    ``memory_budget`` bytes; otherwise ``"block_krylov"`` over rows spilled to disk (two passes of
+    block Krylov reach the exact top vector to |cos| ~ 1 where one pass cannot: per-sample attack
+    directions have a flat spectrum, see bench/RESULTS.md), or, when spilling is not possible
+    (``multi_pass_ok`` false: several processes or checkpoints), the single-pass ``"sketch"``
+    with a warning. ``n`` = 0 means unknown (a streamed loader without a length)."""
+    if solver != "auto":
+        return solver
+    if 0 < n and n * d * 4 <= memory_budget:
+        return "exact"
+    if multi_pass_ok:
+        return "block_krylov"
+    warnings.warn("UPIPCA(solver='auto'): the direction matrix does not fit memory_budget and cannot be spilled "
+                  "(several processes or checkpoints); using the single-pass sketch, whose top vector is "
+                  "unreliable when the spectrum is flat (check singular_values_)", UserWarning, stacklevel=3)
+    return "sketch"
 
 
 def make_accumulator(solver: str, d: int, n: int, k: int, seed: int, normalize_rows: bool, device,

@@ -46,7 +46,8 @@ class UPIPCA:
         noise_std: std of the random offset ``z_i`` (default: ``||z||_2 ~ 0.1 eps``).
         normalize_rows: scale every direction ``g_i`` to unit L2 norm before the SVD.
         solver: how the top singular vector is found: ``"auto"`` (exact when the n x d matrix fits
-            ``memory_budget`` bytes, else the single-pass streaming sketch), ``"exact"``,
+            ``memory_budget`` bytes, else block Krylov over rows spilled to ``spill_dir``, or the
+            single-pass sketch where spilling is impossible), ``"exact"``,
             ``"sketch"`` (single pass, mergeable), ``"frequent_directions"``, ``"subspace"`` /
             ``"block_krylov"`` (multi-pass: rows spill to a memory-mapped file in ``spill_dir``).
         plus_lambda: PCA+ weight lambda (None: plain UPI-PCA).
@@ -241,7 +242,9 @@ class UPIPCA:
         shape = stream.input_shape
         d = math.prod(shape)
         sigma = self.noise_std if self.noise_std is not None else default_noise_std(self.eps, self.norm, d)
-        solver = resolve_solver(self.solver, d, stream.n_correct, self.memory_budget)
+        n_est = stream.n_correct or len(getattr(data, "dataset", ()))
+        solver = resolve_solver(self.solver, d, n_est, self.memory_budget,
+                                multi_pass_ok=not comm.active and self.checkpoint_dir is None)
         if solver in ("subspace", "block_krylov") and (comm.active or self.checkpoint_dir is not None):
             raise ValueError(f"solver={solver!r} spills rows to a local file: it supports neither several processes "
                              "nor checkpoints; use solver='sketch', 'exact' or 'frequent_directions'")
