@@ -137,12 +137,13 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     return info
 
 
-def results_dir(device: torch.device | str = "cpu", root: str | None = None) -> str:
-    """``bench/results/<date>-<device>/`` (created)."""
+def results_dir(device: torch.device | str = "cpu", root: str | None = None, tag: str | None = None) -> str:
+    """``bench/results/<date>-<device>[-<tag>]/`` (created); ``tag`` tells runs of one day apart
+    (e.g. ``"1t"`` for a one-thread run)."""
     device = torch.device(device)
     name = device.type if device.type != "cuda" else torch.cuda.get_device_name(device).replace(" ", "_")
     root = root or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    path = os.path.join(root, f"{_dt.date.today().isoformat()}-{name}")
+    path = os.path.join(root, f"{_dt.date.today().isoformat()}-{name}" + (f"-{tag}" if tag else ""))
     os.makedirs(path, exist_ok=True)
     return path
 

@@ -4,22 +4,31 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Union
 
 import torch
 from torch import nn
 
 __all__ = ["check_choice", "check_positive", "check_images", "check_labels", "check_model",
-           "check_maps", "eval_mode", "check_delta"]
+           "check_maps", "eval_mode", "check_delta", "ModelLike", "NormLike", "DeviceLike"]
+
+#: A classifier: ``model(x)`` maps images (B, C, H, W) to logits (B, K); usually an ``nn.Module``.
+ModelLike = Callable[[torch.Tensor], torch.Tensor]
+#: A norm-ball choice: ``2`` / ``"2"`` / ``"l2"`` or ``math.inf`` / ``"inf"`` / ``"linf"``.
+NormLike = Union[int, float, str]
+#: A torch device or its name (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+DeviceLike = Union[str, torch.device]
 
 
-def check_choice(name: str, value, choices: Iterable) -> None:
+def check_choice(name: str, value: Any, choices: Iterable) -> None:
+    """ValueError naming ``name`` unless ``value`` is one of ``choices``."""
     choices = tuple(choices)
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def check_positive(name: str, value, *, allow_zero: bool = False, integer: bool = False) -> None:
+def check_positive(name: str, value: Any, *, allow_zero: bool = False, integer: bool = False) -> None:
+    """``value`` must be a finite number (an int with ``integer``) > 0 (>= 0 with ``allow_zero``)."""
     ok_type = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, ok_type):
         raise TypeError(f"{name} must be a {'positive integer' if integer else 'number'}, got {value!r}")
@@ -29,7 +38,7 @@ def check_positive(name: str, value, *, allow_zero: bool = False, integer: bool 
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
-def check_images(name: str, x) -> None:
+def check_images(name: str, x: Any) -> None:
     """``x`` must be a finite floating (B, C, H, W) tensor with B >= 1."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
@@ -43,7 +52,8 @@ def check_images(name: str, x) -> None:
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
-def check_labels(name: str, y, batch: int, num_classes: int | None = None) -> None:
+def check_labels(name: str, y: Any, batch: int, num_classes: int | None = None) -> None:
+    """``y`` must be an integer (batch,) tensor, with values in ``[0, num_classes)`` when given."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(y).__name__}")
     if y.dim() != 1 or y.shape[0] != batch:
@@ -55,12 +65,14 @@ def check_labels(name: str, y, batch: int, num_classes: int | None = None) -> No
                          f"(min {int(y.min())}, max {int(y.max())}) for a model with {num_classes} outputs")
 
 
-def check_model(model) -> None:
+def check_model(model: Any) -> None:
+    """``model`` must be callable (an ``nn.Module`` or a function of images)."""
     if not callable(model):
         raise TypeError(f"model must be a callable (an nn.Module), got {type(model).__name__}")
 
 
-def check_maps(name: str, m, batch: int | None = None, width: int | None = None) -> None:
+def check_maps(name: str, m: Any, batch: int | None = None, width: int | None = None) -> None:
+    """``m`` must be a finite floating (B, N) tensor with ``batch`` rows and ``width`` columns when given."""
     if not isinstance(m, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(m).__name__}")
     if m.dim() != 2:
@@ -75,7 +87,7 @@ def check_maps(name: str, m, batch: int | None = None, width: int | None = None)
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
-def check_delta(name: str, delta, image_shape: tuple, batch: int | None = None) -> None:
+def check_delta(name: str, delta: Any, image_shape: tuple, batch: int | None = None) -> None:
     """``delta`` must be (C, H, W) matching ``image_shape``, or (B, C, H, W) with the batch size."""
     if not isinstance(delta, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(delta).__name__}")
@@ -96,7 +108,7 @@ _MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd
 
 
 @contextlib.contextmanager
-def eval_mode(model) -> Iterator[None]:
+def eval_mode(model: Any) -> Iterator[None]:
     """Run ``model`` in eval mode and restore each submodule's mode afterwards.
 
     A model found in train mode triggers a warning (BatchNorm / Dropout would make saliency

@@ -3,14 +3,20 @@
 Subcommands: ``demo`` (the embedded default, every method side by side), ``compute`` (a UPI on a
 local dataset), ``evaluate`` (a saved perturbation against a model: transfer), ``show`` (render a
 perturbation file), ``bench`` (the benchmark suite). Any bad input is reported as one line
-``upi-fast: error: ...`` with exit code 2; ``--debug`` shows the traceback instead.
+``upi-fast: error: OPTION: ...`` naming the option concerned, with exit code 2 (running out of
+device memory too: the line names ``--batch-size``); ``--debug`` shows the traceback instead.
+Warnings are printed as one line each, ``upi-fast: warning: ...``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import pickle
 import sys
+import warnings
+from typing import Iterator
 
 __all__ = ["main", "build_parser"]
 
@@ -29,9 +35,9 @@ def _positive_float(name):
         try:
             v = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
         if not math.isfinite(v) or v <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text}")
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
         return v
     return conv
 
@@ -41,11 +47,21 @@ def _positive_int(name):
         try:
             v = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
         if v <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {v}")
+            raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
         return v
     return conv
+
+
+def _non_negative_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
 
 
 def _norm(text):
@@ -53,7 +69,7 @@ def _norm(text):
     try:
         return parse_norm(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--norm must be 2 or inf, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be 2 or inf, got {text!r}") from None
 
 
 def _floats(name):
@@ -61,9 +77,9 @@ def _floats(name):
         try:
             vals = tuple(float(t) for t in text.replace(",", " ").split())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be numbers separated by commas, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"must be numbers separated by commas, got {text!r}") from None
         if not vals or not all(math.isfinite(v) for v in vals):
-            raise argparse.ArgumentTypeError(f"{name} must be finite numbers, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be finite numbers, got {text!r}")
         return vals
     return conv
 
@@ -73,18 +89,18 @@ def _device(text):
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"--device must be cpu or cuda[:N], got {text!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"--device {text} was requested but CUDA is not available on this machine")
+        raise argparse.ArgumentTypeError(f"must be cpu or cuda[:N], got {text!r}") from None
     if dev.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"--device must be cpu or cuda[:N], got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be cpu or cuda[:N], got {text!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text} was requested but CUDA is not available on this machine")
     return text
 
 
 def _existing_path(name):
     def conv(text):
         if not os.path.exists(text):
-            raise argparse.ArgumentTypeError(f"{name}: no such file or directory: {text}")
+            raise argparse.ArgumentTypeError(f"no such file or directory: {text}")
         return text
     return conv
 
@@ -142,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default="auto")
     _add_saliency_args(p)
     p.add_argument("--device", type=_device)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=_non_negative_int, default=0, help="data loader worker processes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="upi_out/compute")
     p.add_argument("--no-progress", action="store_true")
@@ -153,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", help="checkpoint folder (default OUT/checkpoints)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest good checkpoint (from scratch when there is none)")
+    p.add_argument("--oom-retry", action="store_true",
+                   help="when a batch does not fit the device's memory, split it into micro-batches of half the size "
+                        "(repeatedly; gradients summed, results unchanged) instead of stopping")
 
     p = sub.add_parser("evaluate", help="evaluate a saved perturbation (e.g. transfer to another model)")
     p.add_argument("perturbation", type=_existing_path("perturbation"))
@@ -183,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args) -> int:
     if args.backend:
         from .ops import set_backend
-        set_backend(args.backend)
+        with _option("--backend"):
+            set_backend(args.backend)
     if args.command == "demo":
         from .demo import run_demo
         run_demo(args.out, eps_scale=args.eps_scale, seed=args.seed, epochs=args.epochs, hvp=args.hvp,
@@ -199,7 +219,8 @@ def _run(args) -> int:
                             target_kind=args.target_kind, plus_lambda=args.plus_lambda, solver=args.solver,
                             device=args.device, seed=args.seed, workers=args.workers,
                             progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
-                            checkpoint_every=args.checkpoint_every, resume=args.resume, precision=args.precision)
+                            checkpoint_every=args.checkpoint_every, resume=args.resume, precision=args.precision,
+                            oom_retry=args.oom_retry)
         compute(cfg)
     elif args.command == "evaluate":
         from .pipeline import evaluate_file
@@ -225,24 +246,63 @@ def _run(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _option(name: str) -> Iterator[None]:
+    """Blame errors raised inside on the option ``name`` (unless already blamed)."""
+    try:
+        yield
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+        if getattr(exc, "option", None) is None:
+            with contextlib.suppress(AttributeError):
+                exc.option = name
+        raise
+
+
+_USER_ERRORS = (CLIError, ValueError, TypeError, FileNotFoundError, RuntimeError, OSError, pickle.UnpicklingError)
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line ``upi-fast: error: ...`` that reports ``exc``: its message's first line, behind
+    the option it concerns when known and not already named."""
+    from .solvers._microbatch import is_out_of_memory
+    text = str(exc).strip()
+    msg = text.splitlines()[0] if text else type(exc).__name__
+    opt = getattr(exc, "option", None)
+    if is_out_of_memory(exc):
+        opt = "--batch-size"
+        if "lower batch_size" not in msg and "micro-batch" not in msg:
+            msg = f"out of device memory: lower --batch-size (or pass --oom-retry to compute) ({msg})"
+    if opt and opt not in msg:
+        msg = f"{opt}: {msg}"
+    return f"upi-fast: error: {msg}"
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = str(message).strip()
+    print(f"upi-fast: warning: {text.splitlines()[0] if text else category.__name__}",
+          file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``upi-fast``; returns the exit code (0, or 2 for a user error)."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Entry point of ``upi-fast``; returns the exit code (0, or 2 for a user error, 130 when interrupted)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    show_warning = warnings.showwarning
+    if not debug:
+        warnings.showwarning = _one_line_warning
     try:
         args = build_parser().parse_args(argv)
         return _run(args)
-    except (CLIError, ValueError, TypeError, FileNotFoundError, RuntimeError, OSError) as exc:
+    except _USER_ERRORS as exc:
         if debug:
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if isinstance(exc, RuntimeError) and "out of memory" in msg.lower():
-            msg = f"out of device memory: lower --batch-size ({msg})"
-        print(f"upi-fast: error: {msg}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("upi-fast: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = show_warning
 
 
 if __name__ == "__main__":

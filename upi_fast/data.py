@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from ._checks import check_images, check_labels, check_positive
 
 __all__ = ["TensorSplit", "DigitsSplits", "digits", "image_folder", "cifar10", "CIFAR10Batches",
-           "open_dataset", "split_indices", "make_loader", "as_batches", "RestrictedUnpickler", "safe_pickle_load",
+           "open_dataset", "split_indices", "make_loader", "as_batches", "RestrictedUnpickler", "UnsafePickleError",
+           "safe_pickle_load",
            "derive_seed", "epoch_order", "global_batches", "ShareSampler", "share_loader"]
 
 
@@ -179,8 +180,13 @@ def _latin1_encode(obj, encoding="latin1", errors="strict"):
     """Stand-in for ``_codecs.encode``, which Python 3 pickles of bytes at protocol < 3 refer to;
     only the latin-1 codec is allowed."""
     if not isinstance(obj, str) or str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"refusing _codecs.encode({type(obj).__name__}, {encoding!r})")
+        raise UnsafePickleError(f"refusing _codecs.encode({type(obj).__name__}, {encoding!r})")
     return obj.encode("latin-1", errors)
+
+
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """A data pickle that refers to a global outside the allowed set (or is corrupt): nothing was
+    executed. Both a ``pickle.UnpicklingError`` and a ``ValueError``."""
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -188,7 +194,8 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     ``find_class`` resolves only numpy's array reconstruction helpers (``_reconstruct``,
     ``_frombuffer``, ``ndarray``, ``dtype``, under their numpy 1 and 2 module names) and a
-    latin-1-only ``_codecs.encode``; any other global raises ``pickle.UnpicklingError``, so a
+    latin-1-only ``_codecs.encode``; any other global raises :class:`UnsafePickleError` (a
+    ``pickle.UnpicklingError`` and a ``ValueError``), so a
     pickle cannot call arbitrary code.
     """
 
@@ -202,7 +209,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         try:
             return RestrictedUnpickler._ALLOWED[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name} from a data pickle") from None
+            raise UnsafePickleError(f"refusing to load global {module}.{name} from a data pickle") from None
 
 
 def safe_pickle_load(path: str | os.PathLike, encoding: str = "bytes"):
@@ -275,8 +282,8 @@ class CIFAR10Batches(Dataset):
     def _read(path: Path) -> tuple[np.ndarray, torch.Tensor]:
         try:
             d = safe_pickle_load(path)
-        except pickle.UnpicklingError as e:
-            raise pickle.UnpicklingError(f"{str(path)!r}: {e}") from None
+        except pickle.UnpicklingError as e:  # a refused global, or a corrupt pickle
+            raise UnsafePickleError(f"{str(path)!r}: {e}") from None
         except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
             raise ValueError(f"{str(path)!r} is not a readable CIFAR-10 batch file: {e}") from None
         if not isinstance(d, dict):

@@ -21,6 +21,7 @@ from ._checks import check_choice
 
 __all__ = ["dissimilarity", "KINDS", "default_k"]
 
+#: Dissimilarity kinds accepted by :func:`dissimilarity` (see the module docstring).
 KINDS = ("l2", "rel_l2", "cosine", "topk")
 _TINY = 1e-30
 
@@ -29,7 +30,7 @@ def _safe_norm(v: torch.Tensor) -> torch.Tensor:
     """Row L2 norms (B,) with gradient 0 at the zero vector instead of NaN."""
     sq = (v * v).sum(1)
     pos = sq > 0
-    return torch.where(pos, sq.clamp_min(_TINY).sqrt(), torch.zeros_like(sq))
+    return torch.where(pos, torch.where(pos, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
 
 
 def default_k(n: int) -> int:
@@ -62,10 +63,13 @@ def dissimilarity(I: torch.Tensor, I_ref: torch.Tensor, kind: str = "l2", reduct
     if kind == "l2":
         d = _safe_norm(a - r)
     elif kind == "rel_l2":
-        d = _safe_norm(a - r) / _safe_norm(r).clamp_min(_TINY)
+        rn = _safe_norm(r)
+        d = _safe_norm(a - r) / torch.where(rn > 0, rn, torch.full_like(rn, _TINY))
     elif kind == "cosine":
-        denom = (_safe_norm(a) * _safe_norm(r)).clamp_min(_TINY)
-        d = 1.0 - (a * r).sum(1) / denom
+        denom = _safe_norm(a) * _safe_norm(r)
+        pos = denom > 0  # a zero map: 1, with gradient 0
+        d = torch.where(pos, 1.0 - (a * r).sum(1) / torch.where(pos, denom, torch.ones_like(denom)),
+                        torch.ones_like(denom))
     else:
         n = a.shape[1]
         kk = default_k(n) if k is None else int(k)
@@ -74,7 +78,8 @@ def dissimilarity(I: torch.Tensor, I_ref: torch.Tensor, kind: str = "l2", reduct
         idx = r.topk(kk, dim=1).indices
         total = a.abs().sum(1)
         top = a.abs().gather(1, idx).sum(1)
-        d = torch.where(total > 0, 1.0 - top / total.clamp_min(_TINY), torch.ones_like(total))
+        d = torch.where(total > 0, 1.0 - top / torch.where(total > 0, total, torch.ones_like(total)),
+                        torch.ones_like(total))
     if reduction == "mean":
         return d.mean()
     if reduction == "sum":

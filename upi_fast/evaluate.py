@@ -8,25 +8,45 @@ perturbation: lower is better, the goal is the explanation, not the label).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from . import metrics as M
-from ._checks import check_model, eval_mode
+from ._checks import DeviceLike, ModelLike, check_model, eval_mode
 from .data import as_batches
 from .hvp import SaliencySpec
 from .saliency import postprocess_maps, raw_gradient
-from .solvers._common import resolve_device
+from .solvers._common import model_check, resolve_device
 
-__all__ = ["evaluate", "METRICS", "SaliencyFn"]
+__all__ = ["evaluate", "METRICS", "SaliencyFn", "AttributionMethod", "PerturbationFn"]
 
+#: Names of the metrics :func:`evaluate` can compute.
 METRICS = ("dissimilarity", "topk_intersection", "spearman", "fooling_rate", "center_of_mass_shift")
 
+#: ``fn(x (B, C, H, W), y (B,)) -> maps (B, N)``: a saliency method as :func:`evaluate` uses it.
 SaliencyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``fn(x (B, C, H, W), y (B,)) -> delta (B, C, H, W)``: per-sample perturbations.
+PerturbationFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _saliency_fn(model, saliency, target_kind: str, saliency_kwargs: dict | None) -> SaliencyFn:
+@runtime_checkable
+class AttributionMethod(Protocol):
+    """Anything with captum's calling convention: ``attribute(inputs, target=...)``.
+
+    ``inputs`` is a (B, C, H, W) tensor (with ``requires_grad``), ``target`` a (B,) int64 tensor of
+    class indices; the result must be the raw attributions, a tensor of the same shape as
+    ``inputs``. A ``captum.attr`` object (``Saliency(model)``, ``IntegratedGradients(model)``, ...)
+    qualifies; captum itself is not needed by upi_fast.
+    """
+
+    def attribute(self, inputs: torch.Tensor, target: Any = None) -> torch.Tensor:
+        """Raw attributions of ``inputs`` (B, C, H, W) for the classes ``target`` (B,), same shape."""
+        ...
+
+
+def _saliency_fn(model: ModelLike, saliency: str | AttributionMethod, target_kind: str,
+                 saliency_kwargs: dict | None) -> SaliencyFn:
     """``fn(x, y) -> maps (B, N)``: a method name, or any object with ``attribute(inputs, target=...)``
     (a captum attribution, duck-typed), whose raw attributions are post-processed like ours."""
     kw = dict(saliency_kwargs or {})
@@ -54,19 +74,26 @@ def _saliency_fn(model, saliency, target_kind: str, saliency_kwargs: dict | None
     return fn
 
 
-def evaluate(model, delta, data, saliency="simple", target_kind: str = "prob", k: int | None = None,
+def evaluate(model: ModelLike, delta: torch.Tensor | PerturbationFn,
+             data: Iterable[tuple[torch.Tensor, torch.Tensor]] | tuple[torch.Tensor, torch.Tensor],
+             saliency: str | AttributionMethod = "simple", target_kind: str = "prob", k: int | None = None,
              metrics: Sequence[str] = ("dissimilarity", "topk_intersection", "spearman", "fooling_rate"),
-             batch_size: int = 256, device=None, saliency_kwargs: dict | None = None,
-             return_per_sample: bool = False) -> dict:
+             batch_size: int = 256, device: DeviceLike | None = None, saliency_kwargs: dict | None = None,
+             return_per_sample: bool = False) -> dict[str, Any]:
     """Evaluate ``delta`` on ``data`` against ``model``'s clean interpretations.
 
     Args:
         model: classifier returning logits (B, K) (the real network; eval mode).
         delta: (C, H, W) perturbation in model units, or a function ``fn(x, y) -> (B, C, H, W)``
             (per-sample perturbations, e.g. :func:`upi_fast.baselines.per_sample_random`).
-        data: a DataLoader of ``(x, y)`` or a tuple ``(X, y)`` (the evaluation split).
+        data: a DataLoader of ``(x, y)`` or a tuple ``(X, y)`` (the evaluation split); images
+            (N, C, H, W) in model units, labels (N,) int64.
         saliency: ``"simple"``, ``"integrated"``, ``"smoothgrad"``, or an object with
-            ``attribute(inputs, target=...)`` (e.g. a captum attribution).
+            ``attribute(inputs, target=...)`` (:class:`AttributionMethod`, e.g. a captum
+            attribution such as ``captum.attr.Saliency(model)``); its raw (B, C, H, W)
+            attributions are post-processed like the built-in methods' (``abs_sum_l1`` unless
+            ``saliency_kwargs["postprocess"]`` says otherwise), and ``target_kind`` does not apply
+            (the object decides what it differentiates).
         target_kind: ``"prob"`` or ``"logit"``.
         k: top-k size for ``topk_intersection`` (default 10% of the pixels).
         metrics: any of :data:`METRICS`.
@@ -77,7 +104,10 @@ def evaluate(model, delta, data, saliency="simple", target_kind: str = "prob", k
         return_per_sample: also return the per-sample values under ``"per_sample"``.
 
     Returns:
-        ``{metric: mean value, ..., "n": correctly classified samples used, "n_total": samples seen}``.
+        ``{metric: mean value, ..., "n": correctly classified samples used, "n_total": samples seen}``
+        (and ``"per_sample": {metric: (n,) float64 tensor}`` with ``return_per_sample``). Units:
+        ``dissimilarity``, ``topk_intersection``, ``spearman`` and ``fooling_rate`` are
+        dimensionless fractions / correlations; ``center_of_mass_shift`` is in pixels.
     """
     check_model(model)
     unknown = [m for m in metrics if m not in METRICS]
@@ -94,16 +124,14 @@ def evaluate(model, delta, data, saliency="simple", target_kind: str = "prob", k
         delta = delta.to(dev)
     per: dict[str, list] = {m: [] for m in metrics}
     n_total = 0
+    any_signal = False
     with eval_mode(model):
         for x, y in as_batches(data, batch_size):
             x, y = x.to(dev), y.to(dev)
             n_total += x.shape[0]
             if not callable(delta) and tuple(delta.shape) != tuple(x.shape[1:]):
                 raise ValueError(f"delta has shape {tuple(delta.shape)} but the images have shape {tuple(x.shape[1:])}")
-            with torch.no_grad():
-                logits = model(x)
-            if logits.dim() != 2 or int(y.max()) >= logits.shape[1] or int(y.min()) < 0:
-                raise ValueError(f"labels in data must be in [0, {logits.shape[1] - 1}]")
+            logits = model_check(model, x, y)  # clear errors: images that do not fit, NaN logits, bad labels
             keep = logits.argmax(1) == y
             if not bool(keep.any()):
                 continue
@@ -111,6 +139,7 @@ def evaluate(model, delta, data, saliency="simple", target_kind: str = "prob", k
             d = delta(x, y) if callable(delta) else delta
             x_adv = x + d.to(x.dtype)
             I, I_adv = sal(x, y), sal(x_adv, y)
+            any_signal = any_signal or bool((I != 0).any())
             for m in metrics:
                 if m == "dissimilarity":
                     per[m].append(M.relative_l2(I_adv, I).double())
@@ -129,6 +158,9 @@ def evaluate(model, delta, data, saliency="simple", target_kind: str = "prob", k
     n = int(next(iter(values.values())).numel()) if values else 0
     if n == 0:
         raise ValueError("the model classifies none of the samples in data correctly")
+    if not any_signal:
+        raise ValueError("every clean saliency map is zero: the model's output does not depend on its input in a "
+                         "differentiable way (rounding, argmax or quantisation inside?)")
     out = {m: float(v.mean()) for m, v in values.items()}
     out["n"], out["n_total"] = n, n_total
     if return_per_sample:

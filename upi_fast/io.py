@@ -18,7 +18,7 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -188,7 +188,8 @@ def _invalid(path, why: str) -> ValueError:
     return ValueError(f"{os.fspath(path)!r} is not a valid perturbation file: {why}")
 
 
-def load_perturbation(path: str | os.PathLike, expected_shape=None) -> tuple[torch.Tensor, dict]:
+def load_perturbation(path: str | os.PathLike,
+                      expected_shape: Sequence[int] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Load a perturbation saved by :func:`save_perturbation`.
 
     Returns:

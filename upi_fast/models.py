@@ -17,7 +17,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from .io import write_bytes_atomic
 
 __all__ = ["DIGITS_ARCH", "build_digits_cnn", "digits_cnn", "digits_cnn_cache_path", "default_cache_dir",
            "Normalized", "load_model", "load_state_dict_file", "model_name"]
+
+#: Per-channel normalisation constants: one number per input channel (or one for all), or a tensor.
+ChannelValues = Union[Sequence[float], float, torch.Tensor]
 
 #: Architecture (and training recipe) version of :func:`digits_cnn`; part of the cache file name.
 DIGITS_ARCH = "digits_cnn-v1"
@@ -173,7 +176,7 @@ class Normalized(nn.Module):
     keeps a piecewise-linear network piecewise linear.
     """
 
-    def __init__(self, model: nn.Module, mean, std) -> None:
+    def __init__(self, model: nn.Module, mean: ChannelValues, std: ChannelValues) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -185,12 +188,15 @@ class Normalized(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``model((x - mean) / std)`` for images ``x`` (B, C, H, W) in the un-normalised units
+        (e.g. pixels in [0, 1]); returns the wrapped model's output (logits (B, K))."""
         c = self.mean.shape[1]
         if x.dim() != 4 or (c != 1 and x.shape[1] != c):
             raise ValueError(f"Normalized expects input (B, {c}, H, W), got {tuple(x.shape)}")
         return self.model((x - self.mean) / self.std)
 
     def extra_repr(self) -> str:
+        """The normalisation constants, for ``repr(module)``."""
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
 
 
@@ -294,7 +300,7 @@ def _import_callable(spec: str):
 
 
 def load_model(spec: str, weights: str | os.PathLike | None = None, num_classes: int | None = None,
-               mean=None, std=None) -> nn.Module:
+               mean: ChannelValues | None = None, std: ChannelValues | None = None) -> nn.Module:
     """Build a model from a spec string, in eval mode.
 
     Args:
@@ -352,7 +358,7 @@ def load_model(spec: str, weights: str | os.PathLike | None = None, num_classes:
     return model
 
 
-def model_name(model_or_spec) -> str:
+def model_name(model_or_spec: nn.Module | str) -> str:
     """A short description for metadata: the spec a model was loaded from (plus its weights file
     and normalisation), else the class's qualified name."""
     if isinstance(model_or_spec, str):

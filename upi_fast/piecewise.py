@@ -212,6 +212,11 @@ def _record_activation(records: list, func, args, kwargs):
     return out
 
 
+def _channels_last(t: torch.Tensor) -> bool:
+    """Stored NHWC (and not also plain contiguous, as size-1 dimensions can make a tensor both)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
 # max pooling: func -> (with-indices function, spatial dims, adaptive, returns a tuple whatever its args)
 _MAX_POOLS: dict = {}
 for _n, _f, _fi, _t in ((1, F.max_pool1d, F.max_pool1d_with_indices, torch.max_pool1d),
@@ -245,8 +250,14 @@ def _record_max_pool(records: list, func, args, kwargs):
     in_shape = x.shape
 
     def tangent(u: torch.Tensor):
-        flat = u.flatten(-nd).gather(-1, idx.flatten(-nd))
-        res = flat.view(idx.shape)
+        if nd == 2 and u.dim() == 4 and _channels_last(u) and _channels_last(idx):
+            # gather along the spatial positions of the NHWC views: no layout copies
+            B, C = u.shape[:2]
+            res = (u.permute(0, 2, 3, 1).reshape(B, -1, C)
+                   .gather(1, idx.permute(0, 2, 3, 1).reshape(B, -1, C))
+                   .view(B, idx.shape[2], idx.shape[3], C).permute(0, 3, 1, 2))
+        else:
+            res = u.flatten(-nd).gather(-1, idx.flatten(-nd)).view(idx.shape)
         return (res, idx) if want_indices else res
 
     records.append(_Entry("max_pool", in_shape, tangent))
@@ -585,7 +596,8 @@ def piecewise_loss_and_direction(model, xp: torch.Tensor, target: torch.Tensor, 
 
 @contextlib.contextmanager
 def _ieee_float32() -> Iterator[None]:
-    """Disable TF32 convolutions / matmuls (CUDA) while confirming: they would blur a 1e-4 test."""
+    """Disable TF32 convolutions / matmuls (CUDA) while confirming: they would blur a 1e-4 test
+    (autocast is disabled beside it, in :func:`_confirm`)."""
     if not torch.cuda.is_available():
         yield
         return
@@ -609,7 +621,9 @@ def _confirm(model, x: torch.Tensor, n_check: int, rtol: float) -> tuple[bool, s
     if xs.dtype in (torch.float16, torch.bfloat16):
         rtol = max(rtol, 32 * torch.finfo(xs.dtype).eps)
     try:
-        with _ieee_float32():
+        # full precision: autocast (a solver's precision="bf16") would blur the 1e-4 comparison and the
+        # verdict is cached for the float32 key
+        with _ieee_float32(), torch.autocast(xs.device.type, enabled=False):
             lin = Linearization(model, xs)
             shape = lin.logits.shape
             a = torch.randn(shape, generator=gen, dtype=xs.dtype, device=xs.device)

@@ -6,10 +6,14 @@ integrated-gradients black baseline is 0.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import os
+import re
 import time
+from typing import Iterator
 
 import torch
 
@@ -20,10 +24,107 @@ from .evaluate import evaluate
 from .models import load_model, model_name
 from .report import COLUMNS, format_table, json_report, markdown_report
 from .saliency import saliency as saliency_fn
+from ._checks import check_choice, check_positive
 from .solvers import UPIGrad, UPIPCA
+from .solvers._common import resolve_device
+from .solvers._microbatch import is_out_of_memory
 from .solvers.baselines import universal_random
 
-__all__ = ["ComputeConfig", "compute", "evaluate_file", "show", "eps_from_pixels"]
+__all__ = ["ComputeConfig", "compute", "evaluate_file", "show", "eps_from_pixels", "option_of"]
+
+_log = logging.getLogger("upi_fast")
+
+
+# --------------------------------------------------------------------------------------------- blame
+# Which command-line option a bad-input error raised during a stage concerns: the exception gets an
+# ``option`` attribute (e.g. ``"--data"``) that the CLI puts in front of its one-line message. The
+# message itself is the API's. Rules are tried in order; the stage's default comes last.
+_GENERAL_RULES = (
+    (re.compile(r"precision"), "--precision"),
+    (re.compile(r"checkpoint"), "--checkpoint-dir"),
+    (re.compile(r"\bresume\b"), "--resume"),
+    (re.compile(r"\bhvp\b"), "--hvp"),
+    (re.compile(r"\bsolver\b"), "--solver"),
+    (re.compile(r"backend", re.IGNORECASE), "--backend"),
+    (re.compile(r"^the model"), "--model"),
+    (re.compile(r"\bdata\b"), "--data"),
+)
+_MODEL_RULES = (
+    (re.compile(r"weights"), "--weights"),
+    (re.compile(r"^(mean|std)\b|\bmean and std\b|\b(mean|std) must\b|^Normalized"), "--mean/--std"),
+    (re.compile(r"num_classes"), "--num-classes"),
+)
+
+
+def option_of(exc: BaseException) -> str | None:
+    """The command-line option a pipeline error was blamed on (None when unknown)."""
+    return getattr(exc, "option", None)
+
+
+@contextlib.contextmanager
+def _blame(default: str | None, rules: tuple = _GENERAL_RULES, data: str | None = None) -> Iterator[None]:
+    """Tag bad-input errors raised inside with the option they concern (see :func:`option_of`);
+    the exception itself (type, message) is re-raised unchanged."""
+    try:
+        yield
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+        if option_of(exc) is None:
+            msg = str(exc)
+            if is_out_of_memory(exc):
+                opt = "--batch-size"
+            else:
+                opt = next((o for rx, o in rules if rx.search(msg)), None)
+                if opt is None and data and (os.path.abspath(data) in msg or data in msg):
+                    opt = "--data"
+                opt = opt or default
+            try:
+                exc.option = opt
+            except AttributeError:  # an exception type without a __dict__: leave it untagged
+                pass
+        raise
+
+
+def _open(data: str, size) -> "torch.utils.data.Dataset":
+    with _blame("--data", ()):
+        dataset = open_dataset(data, size=size)
+        if len(dataset) == 0:
+            raise ValueError(f"data: {data!r} holds no images")
+        return dataset
+
+
+def _model(spec: str, weights, num_classes, mean, std) -> torch.nn.Module:
+    with _blame("--model", _MODEL_RULES):
+        return load_model(spec, weights, num_classes=num_classes, mean=mean, std=std)
+
+
+def _device(device) -> torch.device:
+    with _blame("--device", ()):
+        return resolve_device(local_device(device), None)
+
+
+def _check_config(cfg: "ComputeConfig") -> "ComputeConfig":
+    """The settings the command line validates, checked again for API callers (tagged with their
+    options); returns a copy with ``norm`` parsed (2.0 or inf)."""
+    with _blame("--eps", ()):
+        if (cfg.eps is None) == (cfg.eps_pixels is None):
+            raise ValueError("give exactly one of eps and eps_pixels")
+        check_positive("eps" if cfg.eps is not None else "eps_pixels",
+                       cfg.eps if cfg.eps is not None else cfg.eps_pixels)
+    with _blame("--norm", ()):
+        from .projection import parse_norm
+        norm = parse_norm(cfg.norm)
+    with _blame("--method", ()):
+        check_choice("method", cfg.method, ("grad", "pca", "pca+"))
+    for name in ("attack_samples", "eval_samples", "epochs", "batch_size"):
+        with _blame("--" + name.replace("_", "-"), ()):
+            check_positive(name, getattr(cfg, name), integer=True)
+    with _blame("--workers", ()):
+        if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 0:
+            raise ValueError(f"workers must be an integer >= 0, got {cfg.workers!r}")
+    with _blame("--oom-retry", ()):
+        if not isinstance(cfg.oom_retry, bool):
+            raise TypeError(f"oom_retry must be True or False, got {cfg.oom_retry!r}")
+    return dataclasses.replace(cfg, norm=norm)
 
 
 def eps_from_pixels(eps_pixels: float, norm: float, input_shape: tuple) -> float:
@@ -66,12 +167,13 @@ class ComputeConfig:
     checkpoint_every: int | None = None
     resume: bool = False
     precision: str = "fp32"
+    oom_retry: bool = False
 
 
 def _load(cfg) -> tuple:
-    dataset = open_dataset(cfg.data, size=cfg.size)
-    model = load_model(cfg.model, cfg.weights, num_classes=cfg.num_classes, mean=cfg.mean, std=cfg.std)
-    dev = local_device(cfg.device)
+    dataset = _open(cfg.data, cfg.size)
+    model = _model(cfg.model, cfg.weights, cfg.num_classes, cfg.mean, cfg.std)
+    dev = _device(cfg.device)
     return dataset, model.to(dev).eval(), dev
 
 
@@ -84,7 +186,12 @@ def compute(cfg: ComputeConfig, log=print) -> dict:
     (NCCL for CUDA, gloo on the CPU; each process on ``cuda:LOCAL_RANK``), the solver and the
     evaluation split their data across the processes, rank 0 alone logs and writes, and the group
     is torn down at the end. ``cfg.checkpoint_every`` writes checkpoints (to ``cfg.checkpoint_dir``,
-    default ``<out>/checkpoints``); ``cfg.resume`` continues from the newest good one."""
+    default ``<out>/checkpoints``); ``cfg.resume`` continues from the newest good one.
+
+    Errors are the API's (ValueError, TypeError, FileNotFoundError, or
+    :class:`~upi_fast.solvers.BatchOutOfMemoryError`), each tagged with the command-line option it
+    concerns (:func:`option_of`). ``cfg.oom_retry`` splits batches that do not fit the device."""
+    cfg = _check_config(cfg)
     with launched(cfg.device) as comm:
         return _compute(cfg, comm, main_only(log, comm))
 
@@ -97,15 +204,32 @@ def _checkpoint_dir(cfg) -> str | None:
     return None
 
 
-def _evaluate_split(model, delta, dataset, idx, cfg, dev, comm: Comm) -> dict:
+def _evaluate_fitting(model, delta, dataset, idx, cfg, dev, batch_size: int) -> dict:
+    """:func:`evaluate` over ``dataset[idx]`` in batches of ``batch_size``; with ``cfg.oom_retry`` a
+    batch that does not fit the device is retried at half the size (every metric is a mean over
+    samples, so the batch size does not change the result)."""
+    while True:
+        loader = make_loader(dataset, idx, batch_size, workers=cfg.workers, seed=cfg.seed)
+        failed = None
+        try:
+            with _blame("--model", data=cfg.data):
+                return evaluate(model, delta, loader, saliency=cfg.saliency, target_kind=cfg.target_kind, device=dev)
+        except RuntimeError as exc:
+            if not (cfg.oom_retry and batch_size > 1 and is_out_of_memory(exc)):
+                raise
+            failed = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+        batch_size //= 2
+        _log.warning("upi_fast: out of device memory evaluating (%s); retrying with batches of %d", failed, batch_size)
+
+
+def _evaluate_split(model, delta, dataset, idx, cfg, dev, comm: Comm, batch_size: int | None = None) -> dict:
     """:func:`evaluate` on this process's share of ``idx``, the means combined over all processes
     (weighted by their correctly classified counts)."""
     lo, hi = shard_bounds(len(idx), comm.world, comm.rank)
     res, n, n_total = {}, 0, hi - lo
     if hi > lo:
-        loader = make_loader(dataset, idx[lo:hi], cfg.batch_size, workers=cfg.workers, seed=cfg.seed)
         try:
-            res = evaluate(model, delta, loader, saliency=cfg.saliency, target_kind=cfg.target_kind, device=dev)
+            res = _evaluate_fitting(model, delta, dataset, idx[lo:hi], cfg, dev, batch_size or cfg.batch_size)
             n = res["n"]
         except ValueError as exc:  # this share holds no correctly classified sample
             if "none of the samples" not in str(exc) or not comm.active:
@@ -123,9 +247,11 @@ def _evaluate_split(model, delta, dataset, idx, cfg, dev, comm: Comm) -> dict:
 def _compute(cfg: ComputeConfig, comm: Comm, log) -> dict:
     t0 = time.perf_counter()
     dataset, model, dev = _load(cfg)
-    att_idx, ev_idx = split_indices(len(dataset), cfg.attack_samples, cfg.eval_samples, cfg.seed)
+    with _blame("--attack-samples/--eval-samples", ()):
+        att_idx, ev_idx = split_indices(len(dataset), cfg.attack_samples, cfg.eval_samples, cfg.seed)
     attack = make_loader(dataset, att_idx, cfg.batch_size, workers=cfg.workers, seed=cfg.seed)
-    shape = tuple(dataset[int(att_idx[0])][0].shape)
+    with _blame("--data", ()):
+        shape = tuple(dataset[int(att_idx[0])][0].shape)
     eps = cfg.eps if cfg.eps is not None else eps_from_pixels(cfg.eps_pixels, cfg.norm, shape)
     log(f"{len(dataset)} images {shape}; attack {len(att_idx)}, eval {len(ev_idx)}; eps = {eps:.4g} "
         f"({'L2' if cfg.norm == 2 else 'Linf'}, pixel units)")
@@ -133,13 +259,15 @@ def _compute(cfg: ComputeConfig, comm: Comm, log) -> dict:
         log(f"data parallel: {comm.world} processes ({comm.backend})")
     common = dict(norm=cfg.norm, saliency=cfg.saliency, target_kind=cfg.target_kind, batch_size=cfg.batch_size,
                   seed=cfg.seed, device=dev, progress=cfg.progress and comm.is_main, hvp=cfg.hvp,
-                  precision=cfg.precision, checkpoint_dir=_checkpoint_dir(cfg), checkpoint_every=cfg.checkpoint_every)
-    if cfg.method == "grad":
-        solver = UPIGrad(model, eps, epochs=cfg.epochs, **common)
-    else:
-        solver = UPIPCA(model, eps, solver=cfg.solver, plus_lambda=cfg.plus_lambda if cfg.method == "pca+" else None,
-                        **common)
-    solver.fit(attack, resume=cfg.resume)
+                  precision=cfg.precision, checkpoint_dir=_checkpoint_dir(cfg), checkpoint_every=cfg.checkpoint_every,
+                  oom_retry=cfg.oom_retry)
+    with _blame("--model", data=cfg.data):
+        if cfg.method == "grad":
+            solver = UPIGrad(model, eps, epochs=cfg.epochs, **common)
+        else:
+            solver = UPIPCA(model, eps, solver=cfg.solver,
+                            plus_lambda=cfg.plus_lambda if cfg.method == "pca+" else None, **common)
+        solver.fit(attack, resume=cfg.resume)
     meta = {"method": {"grad": "UPI-Grad", "pca": "UPI-PCA", "pca+": "PCA+"}[cfg.method], "eps": eps,
             "norm": "2" if cfg.norm == 2 else "inf", "model": model_name(cfg.model), "input_shape": list(shape),
             "units": "pixels [0, 1]", "mean": list(cfg.mean) if cfg.mean else None,
@@ -148,19 +276,24 @@ def _compute(cfg: ComputeConfig, comm: Comm, log) -> dict:
             "precision": cfg.precision, "processes": comm.world}
     path = os.path.join(cfg.out, "upi.safetensors")
     if comm.is_main:
-        os.makedirs(cfg.out, exist_ok=True)
-        io.save_perturbation(path, solver.delta_, meta)
-        viz.plot_perturbation(solver.delta_, os.path.join(cfg.out, "upi.png"), title=meta["method"])
-    rows = [{"method": meta["method"], **_evaluate_split(model, solver.delta_, dataset, ev_idx, cfg, dev, comm),
+        with _blame("--out", ()):
+            os.makedirs(cfg.out, exist_ok=True)
+            io.save_perturbation(path, solver.delta_, meta)
+            viz.plot_perturbation(solver.delta_, os.path.join(cfg.out, "upi.png"), title=meta["method"])
+    eval_bs = min(cfg.batch_size, solver.micro_batch_ or cfg.batch_size)  # what fitted the device while solving
+    rows = [{"method": meta["method"],
+             **_evaluate_split(model, solver.delta_, dataset, ev_idx, cfg, dev, comm, eval_bs),
              "seconds": solver.fit_time_},
-            {"method": "universal random", **_evaluate_split(model, universal_random(shape, eps, cfg.norm, cfg.seed),
-                                                             dataset, ev_idx, cfg, dev, comm),
+            {"method": "universal random",
+             **_evaluate_split(model, universal_random(shape, eps, cfg.norm, cfg.seed), dataset, ev_idx, cfg, dev,
+                               comm, eval_bs),
              "seconds": 0.0}]
     setup = {k: v for k, v in meta.items()} | {"eval_samples": len(ev_idx), "total seconds": round(time.perf_counter() - t0, 1)}
     if comm.is_main:
-        io.write_text_atomic(os.path.join(cfg.out, "report.md"),
-                             markdown_report("upi-fast compute", setup, rows, ["upi.png"]))
-        io.write_text_atomic(os.path.join(cfg.out, "report.json"), json_report(setup, rows))
+        with _blame("--out", ()):
+            io.write_text_atomic(os.path.join(cfg.out, "report.md"),
+                                 markdown_report("upi-fast compute", setup, rows, ["upi.png"]))
+            io.write_text_atomic(os.path.join(cfg.out, "report.json"), json_report(setup, rows))
     log(format_table(rows))
     log(f"wrote {path}")
     return {"setup": setup, "results": rows, "path": path}
@@ -169,51 +302,70 @@ def _compute(cfg: ComputeConfig, comm: Comm, log) -> dict:
 def evaluate_file(path: str, data: str, model: str, weights=None, num_classes=None, mean=None, std=None, size=None,
                   eval_samples: int = 1000, batch_size: int = 64, saliency: str = "simple", target_kind: str = "prob",
                   k: int | None = None, device=None, seed: int = 0, out: str | None = None, log=print) -> dict:
-    """Evaluate a saved perturbation against a model on a local dataset (e.g. transfer)."""
-    dataset = open_dataset(data, size=size)
-    net = load_model(model, weights, num_classes=num_classes, mean=mean, std=std)
-    dev = torch.device(device) if device else torch.device("cpu")
+    """Evaluate a saved perturbation against a model on a local dataset (e.g. transfer). Errors are
+    tagged with the command-line option they concern, as in :func:`compute`."""
+    dataset = _open(data, size)
+    net = _model(model, weights, num_classes, mean, std)
+    dev = _device(device)
     net = net.to(dev).eval()
-    shape = tuple(dataset[0][0].shape)
-    delta, meta = io.load_perturbation(path, expected_shape=shape)
+    with _blame("--data", ()):
+        shape = tuple(dataset[0][0].shape)
+    with _blame("perturbation", ()):
+        delta, meta = io.load_perturbation(path, expected_shape=shape)
+    with _blame("--eval-samples", ()):
+        check_positive("eval_samples", eval_samples, integer=True)
     n = min(eval_samples, len(dataset))
     ev_idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     loader = make_loader(dataset, ev_idx, batch_size, seed=seed)
-    eps = float(meta.get("eps", delta.norm()))
-    rows = [{"method": f"{meta.get('method', 'perturbation')} ({os.path.basename(path)})",
-             **evaluate(net, delta, loader, saliency=saliency, target_kind=target_kind, k=k, device=dev)},
-            {"method": "universal random", **evaluate(net, universal_random(shape, eps, meta.get("norm", "2"), seed),
-                                                      loader, saliency=saliency, target_kind=target_kind, k=k,
-                                                      device=dev)}]
+    eps = meta.get("eps")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
+        eps = float(delta.norm())  # a file without (valid) metadata: its own norm
+    norm = meta.get("norm", "2")
+    if norm not in ("2", "inf", 2, math.inf):
+        norm = "2"
+    rules = ((re.compile(r"^k must"), "--k"),) + _GENERAL_RULES
+    with _blame("--model", rules, data=data):
+        rows = [{"method": f"{meta.get('method', 'perturbation')} ({os.path.basename(path)})",
+                 **evaluate(net, delta, loader, saliency=saliency, target_kind=target_kind, k=k, device=dev)},
+                {"method": "universal random", **evaluate(net, universal_random(shape, float(eps), norm, seed),
+                                                          loader, saliency=saliency, target_kind=target_kind, k=k,
+                                                          device=dev)}]
     log(format_table(rows, columns=[c for c in COLUMNS if c[0] != "seconds"]))
     setup = {"perturbation": os.path.abspath(path), "model": model_name(model), "data": os.path.abspath(data),
              "eval_samples": len(ev_idx), **{f"perturbation {k}": v for k, v in meta.items()}}
     if out:
-        os.makedirs(out, exist_ok=True)
-        io.write_text_atomic(os.path.join(out, "evaluation.json"), json_report(setup, rows))
+        with _blame("--out", ()):
+            os.makedirs(out, exist_ok=True)
+            io.write_text_atomic(os.path.join(out, "evaluation.json"), json_report(setup, rows))
     return {"setup": setup, "results": rows}
 
 
 def show(path: str, out: str, data: str | None = None, model: str | None = None, weights=None, num_classes=None,
          mean=None, std=None, size=None, n: int = 8, saliency: str = "simple") -> list[str]:
     """Render a perturbation file to PNG, and with ``data`` and ``model`` a grid of examples with
-    their saliency maps before and after. Returns the written paths."""
-    delta, meta = io.load_perturbation(path)
-    os.makedirs(out, exist_ok=True)
+    their saliency maps before and after. Returns the written paths. Errors are tagged with the
+    command-line option they concern, as in :func:`compute`."""
+    with _blame("perturbation", ()):
+        delta, meta = io.load_perturbation(path)
     stem = os.path.splitext(os.path.basename(path))[0]
     written = [os.path.join(out, f"{stem}.png")]
-    viz.plot_perturbation(delta, written[0], title=f"{meta.get('method', stem)}  eps={meta.get('eps', '?')}")
+    with _blame("--out", ()):
+        os.makedirs(out, exist_ok=True)
+        viz.plot_perturbation(delta, written[0], title=f"{meta.get('method', stem)}  eps={meta.get('eps', '?')}")
     if data and model:
-        dataset = open_dataset(data, size=size)
-        if tuple(dataset[0][0].shape) != tuple(delta.shape):
-            raise ValueError(f"the perturbation has shape {tuple(delta.shape)} but the images in {data} have shape "
-                             f"{tuple(dataset[0][0].shape)}")
-        net = load_model(model, weights, num_classes=num_classes, mean=mean, std=std).eval()
+        dataset = _open(data, size)
+        with _blame("perturbation", ()):
+            if tuple(dataset[0][0].shape) != tuple(delta.shape):
+                raise ValueError(f"the perturbation has shape {tuple(delta.shape)} but the images in {data} have "
+                                 f"shape {tuple(dataset[0][0].shape)}")
+        net = _model(model, weights, num_classes, mean, std).eval()
         items = [dataset[i] for i in range(min(n, len(dataset)))]
         x = torch.stack([t for t, _ in items])
         y = torch.tensor([int(lbl) for _, lbl in items])
         grid = os.path.join(out, f"{stem}_examples.png")
-        viz.plot_saliency_grid(x, saliency_fn(net, x, y, method=saliency), saliency_fn(net, x + delta, y, method=saliency),
-                               grid, labels=y.tolist(), images_after=(x + delta).clamp(0, 1))
+        with _blame("--model", data=data):
+            before, after = saliency_fn(net, x, y, method=saliency), saliency_fn(net, x + delta, y, method=saliency)
+        with _blame("--out", ()):
+            viz.plot_saliency_grid(x, before, after, grid, labels=y.tolist(), images_after=(x + delta).clamp(0, 1))
         written.append(grid)
     return written

@@ -18,24 +18,34 @@ running statistics), so one batched backward pass gives all the per-sample gradi
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Union
 
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_choice, check_images, check_labels, check_model, check_positive, eval_mode
+from ._checks import ModelLike, check_choice, check_images, check_labels, check_model, check_positive, eval_mode
 
 __all__ = ["saliency", "raw_gradient", "averaged_gradient", "postprocess_maps", "target_scores", "METHODS", "TARGET_KINDS",
            "POSTPROCESS"]
 
+#: Saliency methods: plain gradient, integrated gradients, SmoothGrad.
 METHODS = ("simple", "integrated", "smoothgrad")
+#: What is differentiated: the softmax probability of the target class, or its logit.
 TARGET_KINDS = ("prob", "logit")
+#: Post-processing of the raw gradient: ``abs_sum_l1`` -> (B, H*W) maps summing to 1; ``raw`` -> (B, C*H*W).
 POSTPROCESS = ("abs_sum_l1", "raw")
 
+#: An integrated-gradients baseline: a tensor or number broadcastable to the images, or None (zeros).
+Baseline = Union[torch.Tensor, float, None]
 
-def target_scores(model: Callable, x: torch.Tensor, target: torch.Tensor, target_kind: str = "prob",
+
+def target_scores(model: ModelLike, x: torch.Tensor, target: torch.Tensor, target_kind: str = "prob",
                   logits: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample gradient target (B,): ``softmax(model(x))[b, target[b]]`` or the logit."""
+    """Per-sample gradient target (B,): ``softmax(model(x))[b, target[b]]`` (a probability in
+    [0, 1], ``target_kind="prob"``) or the logit ``model(x)[b, target[b]]`` (``"logit"``).
+
+    ``x`` is (B, C, H, W) in model input units, ``target`` (B,) class indices; ``logits`` (B, K),
+    when given, are used instead of calling ``model`` again."""
     if logits is None:
         logits = model(x)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
@@ -50,18 +60,22 @@ def target_scores(model: Callable, x: torch.Tensor, target: torch.Tensor, target
     return logits.gather(1, idx).squeeze(1)
 
 
-def _grad_at(model, points: torch.Tensor, target: torch.Tensor, target_kind: str, create_graph: bool) -> torch.Tensor:
+def _grad_at(model: ModelLike, points: torch.Tensor, target: torch.Tensor, target_kind: str,
+             create_graph: bool) -> torch.Tensor:
     """Gradient of each sample's target with respect to ``points`` (same shape as ``points``)."""
     with torch.enable_grad():
         p = points if points.requires_grad else points.detach().requires_grad_(True)
         scores = target_scores(model, p, target, target_kind)
+        if not scores.requires_grad:
+            raise ValueError("the model's output is not differentiable with respect to its input x (computed "
+                             "without gradient tracking: torch.no_grad, .detach() or a non-differentiable op inside)")
         (g,) = torch.autograd.grad(scores.sum(), p, create_graph=create_graph, allow_unused=True)
     if g is None:
         raise ValueError("the model's output does not depend on its input x (no gradient path)")
     return g
 
 
-def _baseline_like(baseline, x: torch.Tensor) -> torch.Tensor:
+def _baseline_like(baseline: Baseline, x: torch.Tensor) -> torch.Tensor:
     if baseline is None:
         return torch.zeros_like(x)
     b = torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
@@ -78,9 +92,9 @@ def path_coefficients(steps: int, dtype=torch.float32, device=None) -> torch.Ten
     return torch.linspace(0.0, 1.0, steps, dtype=dtype, device=device)
 
 
-def averaged_gradient(model, x: torch.Tensor, target: torch.Tensor, *, method: str = "simple",
+def averaged_gradient(model: ModelLike, x: torch.Tensor, target: torch.Tensor, *, method: str = "simple",
                       target_kind: str = "prob", create_graph: bool = False, steps: int = 10,
-                      baseline=None, noise: torch.Tensor | None = None) -> torch.Tensor:
+                      baseline: Baseline = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """The path- or noise-averaged gradient ``A(x)`` (B, C, H, W), before any input multiplication.
 
     ``noise`` (smoothgrad only): (n_samples, B, C, H, W) draws, fixed by the caller so that two
@@ -105,14 +119,21 @@ def averaged_gradient(model, x: torch.Tensor, target: torch.Tensor, *, method: s
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def raw_gradient(model, x: torch.Tensor, target: torch.Tensor, method: str = "simple", target_kind: str = "prob",
-                 create_graph: bool = False, steps: int = 10, baseline=None, multiply_by_input: bool = False,
-                 noise_std: float = 0.0, n_samples: int = 1, generator: torch.Generator | None = None,
-                 noise: torch.Tensor | None = None) -> torch.Tensor:
-    """The attribution before post-processing, (B, C, H, W). See :func:`saliency` for arguments.
+def raw_gradient(model: ModelLike, x: torch.Tensor, target: torch.Tensor, method: str = "simple",
+                 target_kind: str = "prob", create_graph: bool = False, steps: int = 10, baseline: Baseline = None,
+                 multiply_by_input: bool = False, noise_std: float = 0.0, n_samples: int = 1,
+                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The attribution before post-processing, (B, C, H, W) in ``x``'s dtype: the gradient of the
+    target (probability or logit) with respect to ``x``, in target units per model input unit.
 
-    ``multiply_by_input`` applies to ``integrated`` (standard integrated gradients) and to the
-    other methods alike (gradient x input).
+    Arguments as in :func:`saliency`, plus ``noise``: pre-drawn smoothgrad noise
+    (n_samples, B, C, H, W) in model input units, used instead of drawing from ``noise_std``,
+    ``n_samples`` and ``generator``. ``multiply_by_input`` applies to ``integrated`` (standard
+    integrated gradients) and to the other methods alike (gradient x input). Feed the result to
+    :func:`postprocess_maps` or to the fused :func:`upi_fast.functional.saliency_dissim`.
+
+    This is the unchecked fast path (no argument validation, the model's train / eval mode is
+    left as it is); :func:`saliency` checks its arguments and computes in eval mode.
     """
     if method == "smoothgrad" and noise is None:
         noise = smoothgrad_noise(x, noise_std, n_samples, generator)
@@ -156,8 +177,8 @@ def check_saliency_args(method: str, target_kind: str, postprocess_kind: str, st
         raise ValueError("noise_std must be > 0 for method='smoothgrad'")
 
 
-def saliency(model, x: torch.Tensor, target: torch.Tensor, method: str = "simple", target_kind: str = "prob",
-             postprocess: str = "abs_sum_l1", create_graph: bool = False, steps: int = 10, baseline=None,
+def saliency(model: ModelLike, x: torch.Tensor, target: torch.Tensor, method: str = "simple", target_kind: str = "prob",
+             postprocess: str = "abs_sum_l1", create_graph: bool = False, steps: int = 10, baseline: Baseline = None,
              multiply_by_input: bool = False, noise_std: float = 0.0, n_samples: int = 1,
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Batched interpretation maps of ``model`` at ``x`` for the labels ``target``.

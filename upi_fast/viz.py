@@ -108,7 +108,8 @@ def _maps(name: str, m, batch: int, hw: tuple[int, int]) -> torch.Tensor:
                      f"got {tuple(t.shape)}")
 
 
-def plot_saliency_grid(images: torch.Tensor, maps_before, maps_after, path: str | os.PathLike,
+def plot_saliency_grid(images: torch.Tensor, maps_before: torch.Tensor, maps_after: torch.Tensor,
+                       path: str | os.PathLike,
                        labels: Sequence | None = None, titles: Sequence[str] | None = None, max_rows: int = 8,
                        images_after: torch.Tensor | None = None) -> None:
     """A grid with one row per sample: image, saliency before, saliency after, and the perturbed

@@ -11,7 +11,8 @@ Contenders, all on the same inputs (seeded) in one run, at a non-zero perturbati
 
 Models: a digits-like ReLU CNN (1x16x16, batch 128) and torchvision ResNet-18 (3x64x64, batch 64)
 with random weights on the CPU; with ``--device cuda`` also ResNet-50 (3x224x224, batch 64).
-``--quick`` uses fewer repeats and batch 32 for the ResNets.
+``--quick`` uses fewer repeats, batch 16 for ResNet-18 (32 for ResNet-50) and skips the CPU peak
+memory (its worker process would double the time).
 
 Timing: :func:`bench.harness.measure`, contenders interleaved over rounds (the CPU is shared),
 median and interquartile range over all timed calls; ``speedup`` is images per second relative to
@@ -69,13 +70,15 @@ def digits_like_cnn(classes: int = 10) -> nn.Module:
     )
 
 
-def _configs(quick: bool, device: str) -> list[dict]:
+def _configs(quick: bool, device: str, smoke: bool = False) -> list[dict]:
     """Per model: name, input shape, batch, images in the per-sample loop."""
-    rb = 32 if quick else 64
+    if smoke:
+        return [dict(model="digits CNN", shape=(1, 16, 16), batch=16, loop=2)]
+    rb = 16 if quick else 64
     cfgs = [dict(model="digits CNN", shape=(1, 16, 16), batch=128, loop=32 if quick else 128),
-            dict(model="resnet18", shape=(3, 64, 64), batch=rb, loop=4 if quick else 16)]
+            dict(model="resnet18", shape=(3, 64, 64), batch=rb, loop=2 if quick else 16)]
     if device == "cuda":
-        cfgs.append(dict(model="resnet50", shape=(3, 224, 224), batch=rb, loop=4 if quick else 16))
+        cfgs.append(dict(model="resnet50", shape=(3, 224, 224), batch=32 if quick else 64, loop=4 if quick else 16))
     return cfgs
 
 
@@ -207,16 +210,24 @@ def _time_model(cfg: dict, device: str, rounds: int, repeat: int) -> tuple[list[
     return ms, cos
 
 
-def run(quick: bool = False, device: str = "cpu") -> dict:
-    """Time and measure every contender on every model; print Markdown tables; return the results."""
+def run(quick: bool = False, device: str = "cpu", smoke: bool = False) -> dict:
+    """Time and measure every contender on every model; print Markdown tables; return the results.
+
+    ``quick``: batch 16 for ResNet-18, one round, and no CPU peak memory (the memory worker process
+    would double the time); ``smoke`` (tests): the digits CNN at batch 16 only."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' requested but CUDA is not available")
-    rounds, repeat = (1, 2) if quick else (3, 2)
+    rounds, repeat = (1, 1) if smoke else ((1, 2) if quick else (3, 2))
     t0 = time.perf_counter()
-    memory, mem_note = (_cpu_memory(quick) if device == "cpu" else ({}, None))
+    if device != "cpu":
+        memory, mem_note = {}, None
+    elif quick or smoke:
+        memory, mem_note = {}, "CPU peak memory not measured with --quick (run without it)"
+    else:
+        memory, mem_note = _cpu_memory(quick)
     result = {"suite": "hvp", "machine": machine_info(device), "quick": quick, "rounds": rounds,
               "repeats_per_round": repeat, "models": {}, "notes": [mem_note] if mem_note else []}
-    for cfg in _configs(quick, device):
+    for cfg in _configs(quick, device, smoke):
         ms, cos = _time_model(cfg, device, rounds, repeat)
         for m in ms:
             if device == "cpu":
@@ -239,7 +250,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.suites.hvp", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, batch 32 for the ResNets")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller ResNet batches, no CPU memory")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/.../hvp.json")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")

@@ -191,9 +191,10 @@ def _interpreter_correctness() -> list[dict]:
     return rows
 
 
-def run(quick: bool = False, device: str = "cuda") -> dict:
+def run(quick: bool = False, device: str = "cuda", smoke: bool = False) -> dict:
     """Run the suite on ``device`` (``"cuda"`` or ``"cpu"``); returns ``{"machine", "sizes", "rows",
-    "notes", ...}`` and prints Markdown tables."""
+    "notes", ...}`` and prints Markdown tables. ``smoke`` (tests of ``python -m bench``): as ``quick``."""
+    quick = quick or smoke
     device = torch.device(device).type
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' asked for but no CUDA device is present (use device='cpu')")

@@ -45,7 +45,9 @@ _MEM_COLUMNS = ["name", "reads", "median_s", "min_s", "max_s", "speedup_vs_sklea
                 "sigma1_rel_err"]
 
 
-def _sizes(quick: bool) -> dict:
+def _sizes(quick: bool, smoke: bool = False) -> dict:
+    if smoke:  # tests of the benchmark entry point only: tiny sizes
+        return {"stream_n": 128, "memory_n": 64, "d": D}
     return {"stream_n": 1_000 if quick else 20_000, "memory_n": 500 if quick else 4_000, "d": D}
 
 
@@ -267,18 +269,21 @@ def _memory_section(n: int, device: str, rounds: int) -> tuple[list[dict], dict]
     return rows, info
 
 
-def run(quick: bool = False, device: str = "cpu") -> dict:
-    """Run both sections; print Markdown tables; return ``{"rows": ..., "markdown": ..., ...}`` (JSON-able)."""
+def run(quick: bool = False, device: str = "cpu", smoke: bool = False) -> dict:
+    """Run both sections; print Markdown tables; return ``{"rows": ..., "markdown": ..., ...}`` (JSON-able).
+    ``smoke``: tiny sizes (128-row stream, 64-row matrix), for tests of ``python -m bench``."""
     device = torch.device(device).type
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' asked for but no CUDA device is present (use device='cpu')")
-    sizes = _sizes(quick)
+    quick = quick or smoke
+    sizes = _sizes(quick, smoke)
     warmup, repeat, rounds = (1, 1, 1) if quick else (1, 3, 3)
     t0 = time.perf_counter()
     result = {"suite": "svd", "machine": machine_info(device), "quick": quick, "sizes": sizes,
               "command": "python -m bench.suites.svd" + (" --quick" if quick else "") + f" --device {device}"}
     # Memory first, in fresh subprocesses, while this process is still small (see _memory_in_subprocesses).
-    memory = _memory_in_subprocesses(["floor", "sketch"], sizes["stream_n"]) if device == "cpu" else {}
+    memory = (_memory_in_subprocesses(["floor", "sketch"], sizes["stream_n"])
+              if device == "cpu" and not smoke else {})  # smoke: no worker processes
     srows, sinfo = _stream_section(sizes["stream_n"], device, 0 if quick else warmup, repeat, memory, quick)
     md = print_table(f"Stream: {sizes['stream_n']:,} x {D:,} float32 rows regenerated from a seed "
                      f"({sizes['stream_n'] * D * 4 / 1e9:.1f} GB, never held), {device}, "

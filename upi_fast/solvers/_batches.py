@@ -36,8 +36,9 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from ..data import as_batches, derive_seed, epoch_order, global_batches, ShareSampler, share_loader
 from ..distributed import Comm, current, shard_bounds
 from ..hvp import SaliencySpec
-from ..saliency import postprocess_maps, raw_gradient
+from ..saliency import postprocess_maps, raw_gradient, smoothgrad_noise
 from ._common import model_check, surrogate_context
+from ._microbatch import MicroBatcher
 
 __all__ = ["Batch", "CleanBatches", "batch_noise"]
 
@@ -93,6 +94,15 @@ def batch_noise(batch: Batch, shape: tuple, sigma: float, generator: torch.Gener
     return z[batch.slots.to(z.device)]
 
 
+def _check_signal(any_nonzero: bool) -> None:
+    """ValueError when every correctly classified sample's reference map is zero: the model's input
+    gradient vanishes everywhere, and there is no interpretation to attack."""
+    if not any_nonzero:
+        raise ValueError("the model's input gradient is zero for every correctly classified sample in data, so every "
+                         "saliency map is zero: the model's output does not depend on its input in a differentiable "
+                         "way (rounding, argmax or quantisation inside?)")
+
+
 def _as_tensors(data):
     """``(X, y)`` when ``data`` is a pair of tensors (or a TensorSplit), else None."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
@@ -132,6 +142,8 @@ class CleanBatches:
         seed: derives the epoch orders and the smoothgrad draws.
         comm: the process group (default: :func:`upi_fast.distributed.current`).
         autocast: a function returning the precision context of the saliency passes.
+        micro: how the per-batch passes handle running out of device memory
+            (:class:`~upi_fast.solvers._microbatch.MicroBatcher`; default: a clear error).
 
     Attributes:
         input_shape: (C, H, W); dtype: the images' dtype; batches_per_epoch (0 when unknown);
@@ -141,12 +153,14 @@ class CleanBatches:
 
     def __init__(self, model, data, batch_size: int, spec: SaliencySpec, device: torch.device,
                  shuffle: bool = True, cache: bool = True, surrogate=None, seed: int = 0, comm: Comm | None = None,
-                 autocast: Callable[[], ContextManager] | None = None) -> None:
+                 autocast: Callable[[], ContextManager] | None = None, micro: MicroBatcher | None = None) -> None:
         self.model, self.data, self.batch_size, self.spec = model, data, batch_size, spec
+        self.micro = micro if micro is not None else MicroBatcher(False, batch_size, device)
         self.device, self.shuffle, self.surrogate, self.seed = device, shuffle, surrogate, seed
         self.comm = comm or current()
         self.autocast = autocast or contextlib.nullcontext
         self.n_seen = self.n_correct = 0
+        self._signal_checked = False
         self.input_shape: tuple | None = None
         self.dtype = torch.float32
         self._epoch_counter = 0
@@ -176,10 +190,18 @@ class CleanBatches:
     def clean_maps(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Reference maps (B, N) of the attacked network (the surrogate, when one is used)."""
         s = self.spec
+        # smoothgrad: the draws for the whole batch, as raw_gradient would make them, split with the batch
+        noise = smoothgrad_noise(x, s.smoothgrad_std, s.n_samples, generator) if s.method == "smoothgrad" else None
+
+        def part(lo: int, hi: int) -> torch.Tensor:
+            g = raw_gradient(self.model, x[lo:hi], y[lo:hi], s.method, s.target_kind, False, s.steps, s.baseline,
+                             s.multiply_by_input, s.smoothgrad_std, s.n_samples, None,
+                             None if noise is None else noise[:, lo:hi])
+            return postprocess_maps(g, s.postprocess).detach()
+
         with surrogate_context(self.model, self.surrogate), self.autocast():
-            g = raw_gradient(self.model, x, y, s.method, s.target_kind, False, s.steps, s.baseline, s.multiply_by_input,
-                             s.smoothgrad_std, s.n_samples, generator)
-            m = postprocess_maps(g, s.postprocess).detach()
+            parts = self.micro.run(part, x.shape[0], "the clean saliency maps")
+        m = parts[0][2] if len(parts) == 1 else torch.cat([p for _, _, p in parts])
         return m if m.dtype == x.dtype else m.to(x.dtype)
 
     def smoothgrad_generator(self, *parts: int) -> torch.Generator | None:
@@ -197,7 +219,9 @@ class CleanBatches:
             raise ValueError(f"data has images of shapes {self.input_shape} and {tuple(x.shape[1:])}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("data contains images with NaN or Inf values")
-        return model_check(self.model, x, y).argmax(1) == y
+        parts = self.micro.run(lambda lo, hi: model_check(self.model, x[lo:hi], y[lo:hi]).argmax(1) == y[lo:hi],
+                               x.shape[0], "the clean predictions")
+        return parts[0][2] if len(parts) == 1 else torch.cat([p for _, _, p in parts])
 
     def _share(self, k: int, epoch: int, size: int, lo: int, x, y, maps: bool) -> Batch:
         """Filter and map this rank's raw share (x, y) of global batch k (x None: an empty share)."""
@@ -238,6 +262,7 @@ class CleanBatches:
         self.n_seen = n
         if M is None:
             raise ValueError("the model classifies none of the samples in data correctly")
+        _check_signal(bool((M != 0).any()))
         idx = keep.nonzero().flatten().to(X.device)
         self._cache = (X[idx].to(self.device), Y[idx].to(self.device), M)
         self.n_correct = int(idx.numel())
@@ -318,9 +343,12 @@ class CleanBatches:
         reference maps. A full epoch (``start == 0``) updates ``n_seen`` / ``n_correct``."""
         gen = {"cached": self._cached_epoch, "indexed": self._indexed_epoch, "stream": self._stream_epoch}[self.kind]
         seen = correct = 0
+        signal = False
         for batch in gen(epoch, start, maps):
             seen += batch.size
             correct += batch.n_global
+            if maps and not signal and batch.I_ref is not None and self.kind != "cached":
+                signal = bool((batch.I_ref != 0).any())
             yield batch
         if start == 0 and self.kind != "cached":
             self.n_seen, self.n_correct = seen, correct
@@ -328,6 +356,9 @@ class CleanBatches:
                 raise ValueError("data is empty")
             if correct == 0:
                 raise ValueError("the model classifies none of the samples in data correctly")
+            if maps and not self._signal_checked:
+                self._signal_checked = True
+                _check_signal(self.comm.sum_floats(float(signal))[0] > 0)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The next epoch's non-empty local batches as ``(x, y, I_ref)`` (epochs counted per call)."""

@@ -15,9 +15,11 @@ from .._checks import check_choice, check_labels, check_positive, eval_mode
 from ..hvp import HVP_MODES, SaliencySpec
 from ..projection import parse_norm
 from ..surrogate import softplus_surrogate
+from ._microbatch import is_out_of_memory
 
 __all__ = ["resolve_device", "surrogate_context", "default_noise_std", "make_spec", "predict", "check_common",
-           "model_check", "PRECISIONS", "check_precision", "autocast_factory", "spec_fields"]
+           "model_check", "PRECISIONS", "check_precision", "autocast_factory", "spec_fields", "autograd_errors",
+           "check_flag"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -99,8 +101,10 @@ def model_check(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             logits = model(x)
     except (RuntimeError, ValueError) as exc:
+        if is_out_of_memory(exc):
+            raise
         raise ValueError(f"the model cannot process images of shape {tuple(x.shape[1:])}: "
-                         f"{str(exc).splitlines()[0]}") from None
+                         f"{_first_line(exc)}") from exc
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
         raise ValueError("the model must return logits of shape (B, K)")
     if not bool(torch.isfinite(logits).all()):
@@ -130,6 +134,38 @@ def autocast_factory(precision: str, device: torch.device) -> Callable[[], Conte
 
 def check_hvp(hvp: str) -> None:
     check_choice("hvp", hvp, HVP_MODES)
+
+
+def check_flag(name: str, value) -> bool:
+    """``value`` must be a bool (TypeError naming ``name`` otherwise)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+_AUTOGRAD_WORDS = ("grad", "differentiat", "derivative")
+
+
+@contextlib.contextmanager
+def autograd_errors(hvp: str) -> Iterator[None]:
+    """Turn autograd's failures on a model that cannot be differentiated as the attack needs (no
+    gradient path, ``torch.no_grad`` / ``.detach()`` inside, an op without a second derivative) into
+    a ValueError naming the model and ``hvp``; out-of-memory and other errors pass through."""
+    try:
+        yield
+    except RuntimeError as exc:
+        msg = _first_line(exc)
+        if is_out_of_memory(exc) or not any(w in msg.lower() for w in _AUTOGRAD_WORDS):
+            raise
+        raise ValueError(f"the model cannot be differentiated as the attack needs (hvp={hvp!r}): {msg}. The model "
+                         "must be differentiable in its input (no torch.no_grad, .detach() or rounding inside) and, "
+                         "for hvp='double_backward' or 'forward', twice differentiable (else use "
+                         "hvp='finite_difference')") from exc
 
 
 __all__ += ["check_hvp", "eval_mode"]

@@ -18,8 +18,9 @@ from ..distributed import current
 from ..hvp import _loss_grad
 from ..projection import project, random_in_ball, steepest_step
 from ._batches import CleanBatches, batch_noise
-from ._common import (autocast_factory, check_common, check_hvp, check_precision, default_noise_std, make_spec,
-                      resolve_device, spec_fields, surrogate_context)
+from ._common import (autocast_factory, autograd_errors, check_common, check_flag, check_hvp, check_precision,
+                      default_noise_std, make_spec, resolve_device, spec_fields, surrogate_context)
+from ._microbatch import MicroBatcher
 from ._state import RunCheckpoints, check_checkpoint_args
 
 __all__ = ["UPIGrad"]
@@ -63,6 +64,12 @@ class UPIGrad:
             the data position (epoch, batch) and the loss history.
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: autocast for the saliency and HVP
             passes (delta and the optimiser stay float32; ``"fp16"`` needs CUDA).
+        oom_retry: when the device runs out of memory on a batch, split it into micro-batches of half
+            the size (again and again, down to one sample), sum their gradients and go on, with a
+            warning on the ``upi_fast`` logger; the smaller size is kept for the rest of the run.
+            Without it (default) running out of memory raises
+            :class:`~upi_fast.solvers.BatchOutOfMemoryError`, whose message names the batch size to
+            lower. See :mod:`upi_fast.solvers._microbatch` for what splitting preserves.
 
     Distributed (``torch.distributed`` initialised, e.g. under ``torchrun``): each global batch is
     split across the processes; each computes the gradient sum of its correctly classified samples,
@@ -76,6 +83,7 @@ class UPIGrad:
         history_: mean attack loss of every step (list of floats).
         n_samples_: correctly classified attack samples used per epoch.
         n_steps_: steps taken. fit_time_: seconds.
+        micro_batch_: the micro-batch size ``oom_retry`` settled on (None: batches were never split).
     """
 
     def __init__(self, model, eps: float, norm=2, saliency: str = "simple", target_kind: str = "prob",
@@ -83,8 +91,10 @@ class UPIGrad:
                  optimizer: str = "normalized", noise_std: float | None = None, hvp: str = "double_backward",
                  surrogate=None, preserve_labels: float = 0.0, seed: int = 0, device=None, progress: bool = True,
                  saliency_kwargs: dict | None = None, fd_step: float = 1e-2, lr_schedule: str = "cosine",
-                 checkpoint_dir=None, checkpoint_every: int | None = None, precision: str = "fp32") -> None:
+                 checkpoint_dir=None, checkpoint_every: int | None = None, precision: str = "fp32",
+                 oom_retry: bool = False) -> None:
         check_model(model)
+        self.oom_retry = check_flag("oom_retry", oom_retry)
         self.norm = check_common(eps, norm, batch_size, seed)
         check_positive("epochs", epochs, integer=True)
         check_choice("optimizer", optimizer, OPTIMIZERS)
@@ -129,9 +139,10 @@ class UPIGrad:
         comm = current()
         device = resolve_device(self.device, self.model)
         autocast = autocast_factory(self.precision, device)
+        self._micro = micro = MicroBatcher(self.oom_retry, self.batch_size, device)
         with eval_mode(self.model):
             stream = CleanBatches(self.model, data, self.batch_size, self.spec, device, shuffle=True,
-                                  surrogate=self.surrogate, seed=self.seed, comm=comm, autocast=autocast)
+                                  surrogate=self.surrogate, seed=self.seed, comm=comm, autocast=autocast, micro=micro)
             shape = stream.input_shape
             d = math.prod(shape)
             lr = self.lr if self.lr is not None else self._default_lr(d)
@@ -161,6 +172,7 @@ class UPIGrad:
         self.history_ = list(st.history)
         self.n_samples_ = stream.n_correct if stream.kind == "cached" else st.epoch_correct
         self.n_steps_ = len(st.history)
+        self.micro_batch_ = micro.limit
         self.fit_time_ = time.perf_counter() - t0
         return self
 
@@ -191,10 +203,18 @@ class UPIGrad:
         d = delta.numel()
         buf = torch.zeros(d + 1, dtype=torch.float64, device=delta.device)
         if batch.n:
-            x, y = batch.x, batch.y
-            loss, grad = self._objective_grad(x if z is None else x + z.to(x.dtype), y, batch.I_ref, delta, sg_gen,
-                                              autocast, x_clean=x)
-            buf[:d] = grad.reshape(-1).double() * (batch.n / batch.n_global)
+            x, y, I_ref = batch.x, batch.y, batch.I_ref
+            x_eval = x if z is None else x + z.to(x.dtype)
+            parts = self._micro.run(
+                lambda lo, hi: self._objective_grad(x_eval[lo:hi], y[lo:hi], I_ref[lo:hi], delta, sg_gen, autocast,
+                                                    x_clean=x[lo:hi]),
+                batch.n, "the attack gradient", generators=(sg_gen,))
+            if len(parts) == 1:
+                loss, grad = parts[0][2]
+                buf[:d] = grad.reshape(-1).double() * (batch.n / batch.n_global)
+            else:  # each part is the mean over its micro-batch: weight by its size
+                buf[:d] = sum(g.reshape(-1).double() * (hi - lo) for lo, hi, (_, g) in parts) / batch.n_global
+                loss = torch.cat([p[0] for _, _, p in parts])
             buf[d] = loss.double().sum()
         stream.comm.all_reduce_(buf)
         if not bool(torch.isfinite(buf).all()):
@@ -203,11 +223,11 @@ class UPIGrad:
         return float(buf[d]) / batch.n_global, buf[:d].reshape(delta.shape).to(delta.dtype)
 
     def _objective_grad(self, x_eval, y, I_ref, delta, generator, autocast, x_clean):
-        with surrogate_context(self.model, self.surrogate), autocast():
+        with autograd_errors(self.hvp), surrogate_context(self.model, self.surrogate), autocast():
             loss, grad = _loss_grad(self.model, x_eval, y, I_ref, delta.to(x_eval.dtype), self.spec, self.hvp, 0.0,
                                     generator, self.fd_step)
         if self.preserve_labels > 0:
-            with torch.enable_grad():
+            with autograd_errors(self.hvp), torch.enable_grad():
                 dd = delta.detach().to(x_clean.dtype).requires_grad_(True)
                 ce = torch.nn.functional.cross_entropy(self.model(x_clean + dd), y)
                 (g_ce,) = torch.autograd.grad(ce, dd)

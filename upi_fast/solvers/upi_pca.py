@@ -28,8 +28,9 @@ from ..hvp import _loss_grad
 from ..saliency import postprocess_maps, raw_gradient
 from ._accumulators import SOLVERS, make_accumulator, pca_plus_direction, resolve_solver
 from ._batches import CleanBatches, batch_noise
-from ._common import (autocast_factory, check_common, check_hvp, check_precision, default_noise_std, make_spec,
-                      resolve_device, spec_fields, surrogate_context)
+from ._common import (autocast_factory, autograd_errors, check_common, check_flag, check_hvp, check_precision,
+                      default_noise_std, make_spec, resolve_device, spec_fields, surrogate_context)
+from ._microbatch import MicroBatcher
 from ._state import RunCheckpoints, check_checkpoint_args
 
 __all__ = ["UPIPCA"]
@@ -67,6 +68,8 @@ class UPIPCA:
             exact rows so far, or FD buffer); the multi-pass solvers cannot be checkpointed. Resuming
             a distributed run needs the same number of processes.
         precision: as :class:`UPIGrad` (rows and sketches stay float32).
+        oom_retry: as :class:`UPIGrad`: on running out of device memory, compute the rows of a batch
+            in micro-batches of half the size (the rows are per sample, so nothing changes).
 
     Distributed: ``"sketch"`` and ``"exact"`` give the single-process result to rounding;
     ``"frequent_directions"`` merges the processes' sketches (valid, not bit-equal);
@@ -77,6 +80,7 @@ class UPIPCA:
         components_: (n_components, d) right singular vectors. residual_: ``||A v - theta v||``
         of the PCA+ eigenvector (None otherwise); eigenvalue_: theta (PCA+). n_samples_: rows used
         per round. sign_scores_: mean attack-split dissimilarity for s = +1 and -1. fit_time_.
+        micro_batch_: the micro-batch size ``oom_retry`` settled on (None: batches were never split).
     """
 
     def __init__(self, model, eps: float, norm=2, saliency: str = "simple", target_kind: str = "prob",
@@ -86,8 +90,10 @@ class UPIPCA:
                  saliency_kwargs: dict | None = None, fd_step: float = 1e-2, n_components: int = 1,
                  memory_budget: int = 2 * 2**30, spill_dir: str | None = None,
                  sketch_kwargs: dict | None = None, checkpoint_dir=None, checkpoint_every: int | None = None,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", oom_retry: bool = False) -> None:
         check_model(model)
+        self.oom_retry = check_flag("oom_retry", oom_retry)
+        self._micro = MicroBatcher(oom_retry, batch_size)
         self.norm = check_common(eps, norm, batch_size, seed)
         check_choice("solver", solver, SOLVERS)
         check_hvp(hvp)
@@ -117,17 +123,23 @@ class UPIPCA:
         return self._directions(x if z is None else x + z, y, I_ref, delta_prev, gen)
 
     def _directions(self, x_eval, y, I_ref, delta_prev, sg_gen) -> torch.Tensor:
-        B = x_eval.shape[0]
-        per = delta_prev.to(x_eval.dtype).expand(B, *delta_prev.shape).contiguous()
-        with surrogate_context(self.model, self.surrogate), self._autocast():
-            _, g = _loss_grad(self.model, x_eval, y, I_ref, per, self.spec, self.hvp, 0.0, sg_gen, self.fd_step)
-        return (g * B).reshape(B, -1)
+        def part(lo: int, hi: int) -> torch.Tensor:
+            b = hi - lo
+            per = delta_prev.to(x_eval.dtype).expand(b, *delta_prev.shape).contiguous()
+            with autograd_errors(self.hvp), surrogate_context(self.model, self.surrogate), self._autocast():
+                _, g = _loss_grad(self.model, x_eval[lo:hi], y[lo:hi], I_ref[lo:hi], per, self.spec, self.hvp, 0.0,
+                                  sg_gen, self.fd_step)
+            return (g * b).reshape(b, -1)
+
+        return _joined(self._micro.run(part, x_eval.shape[0], "the attack directions", generators=(sg_gen,)))
 
     def label_directions(self, x, y) -> torch.Tensor:
         """Rows of V for PCA+: ``grad_x p_y(x_i)`` (B, d) of the real network."""
-        with self._autocast():
-            g = raw_gradient(self.model, x, y, "simple", "prob")
-        return g.reshape(x.shape[0], -1)
+        def part(lo: int, hi: int) -> torch.Tensor:
+            with self._autocast():
+                return raw_gradient(self.model, x[lo:hi], y[lo:hi], "simple", "prob").reshape(hi - lo, -1)
+
+        return _joined(self._micro.run(part, x.shape[0], "the label directions (PCA+)"))
 
     def _perturbation(self, v: torch.Tensor, shape) -> torch.Tensor:
         v = v.reshape(shape)
@@ -148,18 +160,21 @@ class UPIPCA:
                                  s.multiply_by_input)
                 return postprocess_maps(g, s.postprocess)
 
+        def part(x, y) -> tuple[float, float]:
+            ref = maps(x, y)
+            vals = []
+            for sign in (1, -1):
+                adv = maps(x + sign * cand.to(x.dtype), y)
+                vals.append(float(dissimilarity_fn(adv.to(x.dtype), ref.to(x.dtype), s.dissimilarity, k=s.k).sum()))
+            return vals[0], vals[1]
+
         for batch in stream.epoch(0, maps=False):
             if not batch.n:
                 continue
             x, y = batch.x, batch.y
-            ref = maps(x, y)
-            for sign in (1, -1):
-                adv = maps(x + sign * cand.to(x.dtype), y)
-                val = float(dissimilarity_fn(adv.to(x.dtype), ref.to(x.dtype), s.dissimilarity, k=s.k).sum())
-                if sign == 1:
-                    tot_p += val
-                else:
-                    tot_m += val
+            for _, _, (p, m) in self._micro.run(lambda lo, hi: part(x[lo:hi], y[lo:hi]), batch.n, "the sign scores"):
+                tot_p += p
+                tot_m += m
             n += batch.n
         tot_p, tot_m, n = stream.comm.sum_floats(tot_p, tot_m, n)
         return tot_p / max(n, 1), tot_m / max(n, 1)
@@ -228,17 +243,20 @@ class UPIPCA:
         comm = current()
         device = resolve_device(self.device, self.model)
         self._autocast = autocast_factory(self.precision, device)
+        self._micro = MicroBatcher(self.oom_retry, self.batch_size, device)
         try:
             with eval_mode(self.model):
                 self._fit(data, resume, comm, device)
         finally:
             self._autocast = contextlib.nullcontext
+        self.micro_batch_ = self._micro.limit
         self.fit_time_ = time.perf_counter() - t0
         return self
 
     def _fit(self, data, resume: bool, comm, device) -> None:
         stream = CleanBatches(self.model, data, self.batch_size, self.spec, device, shuffle=False,
-                              surrogate=self.surrogate, seed=self.seed, comm=comm, autocast=self._autocast)
+                              surrogate=self.surrogate, seed=self.seed, comm=comm, autocast=self._autocast,
+                              micro=self._micro)
         shape = stream.input_shape
         d = math.prod(shape)
         sigma = self.noise_std if self.noise_std is not None else default_noise_std(self.eps, self.norm, d)
@@ -279,6 +297,11 @@ class UPIPCA:
     def __repr__(self) -> str:
         return (f"UPIPCA(eps={self.eps}, norm={self.norm}, saliency={self.saliency!r}, solver={self.solver!r}, "
                 f"plus_lambda={self.plus_lambda}, rounds={self.rounds})")
+
+
+def _joined(parts: list) -> torch.Tensor:
+    """The per-sample rows of :meth:`MicroBatcher.run`'s parts, in order (the part itself when whole)."""
+    return parts[0][2] if len(parts) == 1 else torch.cat([p for _, _, p in parts])
 
 
 class _PCAState:

@@ -1,0 +1,500 @@
+"""Benchmark suite ``upi_grad``: the UPI-Grad step, images per second and peak memory, and the attack
+strength each path reaches.
+
+**1. Step throughput**, per model, every contender on the same inputs (seeded; a non-zero perturbation;
+cached clean saliency maps ``I_ref``) in this process, after a warm-up call, over interleaved rounds:
+
+* ``per-sample loop``: the authors' pattern, one image per double-backward call (timed on a subset;
+  images per second per image processed);
+* ``double_backward``: the reference, naive batched eager float32 double backward
+  (:func:`upi_fast.saliency_loss_grad`);
+* the other modes of :func:`upi_fast.saliency_loss_grad` (eager, unprepared model);
+* ``fast ...``: :class:`upi_fast.accel.FastStep` variants (prepared model: BatchNorm folded, frozen,
+  CPU kernel choices; channels_last; bf16 / fp16 autocast; ``torch.compile`` of the first-order
+  modes; CUDA graphs);
+* ``best path``: :func:`upi_fast.accel.autotune_step` (exact float32 on the CPU, bf16 on CUDA), its
+  tuning time reported apart.
+
+Columns: median seconds per call and interquartile range, images per second, ``speedup_vs_reference``
+(reference = ``double_backward`` in the same run), ``x_loop`` (against the per-sample loop), the
+fastest call's rate (``best_items_per_s``, least disturbed on a shared CPU), ``setup_s`` (first call:
+mode confirmation, compilation, capture; not in the timings), peak memory (CUDA: peak allocated
+during a call; CPU: resident-set growth during a call, measured in a separate worker process with
+glibc's mmap threshold lowered, as the ``hvp`` suite does; not with ``--quick``), ``mem_vs_ref``,
+and ``cos_vs_ref``: the gradient's cosine with the reference gradient (1 for exact modes; the finite
+differences see activation switches the exact Hessian of a ReLU network does not).
+
+Models: the digits CNN (:func:`upi_fast.models.build_digits_cnn`, random weights, 1x16x16, batch
+128); on the CPU torchvision ResNet-18 (random weights, 3x64x64, batch 64; 32 with ``--quick``); on
+CUDA ResNet-50 (3x224x224, batch 128) and VGG-16 (3x224x224, batch 64). ``--quick`` also drops the
+slower contenders on the large models, the bf16 attack-strength fits on the CPU and the CPU memory
+worker, and runs 5 attack epochs instead of 20.
+
+**2. Attack strength** on the embedded default (scikit-learn digits, the trained digits CNN, eps = 0.1
+x mean image norm, L2): :class:`upi_fast.UPIGrad` with the same seed and epochs (20; 5 with
+``--quick``) for each HVP path, the evaluation split's mean relative L2 dissimilarity and fooling
+rate, and the fit time. The best path runs as ``UPIGrad(prepare_model(model, ...), hvp=...,
+precision=...)`` (the solver has no hook for a prepared step; compilation and graphs do not change
+the arithmetic).
+
+**3. CUDA only**: the card's bf16 matrix rate (an 8192^3 bf16 matmul, same run), floating-point
+operations per image of the best step (``torch.utils.flop_counter``), the achieved rate and its
+fraction of the matmul rate, and a UPI-Grad epoch over 50,000 images projected from the step times.
+
+**4. Profile**: ``torch.profiler`` table (top ops by self time) of the best step on the largest model,
+returned as an artifact (``bench/__main__`` writes it beside the JSON).
+
+    python -m bench.suites.upi_grad [--quick] [--device cpu|cuda] [--threads N] [--no-save]
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from ..harness import Measurement, compare, machine_info, measure, print_table, results_dir, write_json
+
+__all__ = ["run", "main", "build_problem", "configs"]
+
+REFERENCE = "double_backward (naive batched eager fp32)"
+LOOP = "per-sample loop (double backward, 1 image per call)"
+BEST = "best path (autotuned)"
+_COLUMNS = ["name", "exact", "items", "items_per_s", "median_s", "iqr_s", "speedup_vs_reference", "x_loop",
+            "best_items_per_s", "setup_s", "peak_mem_mb", "mem_vs_ref", "cos_vs_ref"]
+_STRENGTH_COLUMNS = ["name", "hvp", "precision", "dissimilarity", "strength_vs_ref", "fooling_rate", "fit_s",
+                     "fit_speedup"]
+_GPU_BATCH = {"resnet50": 128, "vgg16": 64}
+
+
+# ------------------------------------------------------------------------------------------- problems
+
+def configs(quick: bool, device: str, smoke: bool = False) -> list[dict]:
+    """Per model: name, input shape, batch, images in the per-sample loop."""
+    if smoke:
+        return [dict(model="digits CNN", shape=(1, 16, 16), batch=16, loop=2)]
+    cfgs = [dict(model="digits CNN", shape=(1, 16, 16), batch=128, loop=32 if quick else 128)]
+    if device == "cuda":
+        cfgs += [dict(model=m, shape=(3, 224, 224), batch=b, loop=4 if quick else 16) for m, b in _GPU_BATCH.items()]
+    else:
+        cfgs.append(dict(model="resnet18", shape=(3, 64, 64), batch=32 if quick else 64, loop=2 if quick else 16))
+    return cfgs
+
+
+def build_problem(cfg: dict, device: str):
+    """``(model, x, y, I_ref, delta)`` for a config, identical in every process (seeded)."""
+    import torchvision
+
+    import upi_fast as U
+    from upi_fast.models import build_digits_cnn
+
+    torch.manual_seed(0)
+    if cfg["model"] == "digits CNN":
+        model, classes = build_digits_cnn(cfg["shape"][-1]), 10
+    else:
+        model, classes = getattr(torchvision.models, cfg["model"])(weights=None), 1000
+    model = model.to(device).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(cfg["batch"], *cfg["shape"], generator=g).to(device)
+    y = torch.randint(0, classes, (cfg["batch"],), generator=g).to(device)
+    delta = (0.05 * torch.randn(*cfg["shape"], generator=g)).to(device)
+    I_ref = U.saliency(model, x, y)
+    return model, x, y, I_ref, delta
+
+
+class _Contender:
+    """A step to time: ``fn()`` returns ``(loss, grad)`` (or a list of them for the loop)."""
+
+    def __init__(self, fn: Callable, items: int, exact: bool, setup_s: float | None = None, info: str = "") -> None:
+        self.fn, self.items, self.exact, self.setup_s, self.info = fn, items, exact, setup_s, info
+
+
+def _fast(model, x, y, I_ref, delta, **options) -> _Contender:
+    from upi_fast.accel import FastStep
+
+    step = FastStep(model, hvp=options.pop("hvp"), **options)
+    step(x, y, I_ref, delta)  # setup: mode confirmation, compilation, capture
+    exact = step.precision == "fp32" and step.hvp_ in ("double_backward", "forward", "piecewise_linear")
+    return _Contender(lambda: step(x, y, I_ref, delta), x.shape[0], exact, step.setup_time_s_,
+                      "; ".join(step.notes_))
+
+
+_QUICK_BIG = ("fast piecewise_linear fp32 [prepared]", "fast finite_difference_onesided fp32 [prepared]",
+              "fast piecewise_linear bf16 [prepared, channels_last]")
+
+
+def _fast_specs(device: str, quick: bool, smoke: bool, big: bool = False) -> dict[str, dict]:
+    """name -> FastStep options of the fast contenders (``big``: a large model, fewer rows with --quick)."""
+    if smoke:
+        return {"fast piecewise_linear fp32 [prepared]": dict(hvp="piecewise_linear"),
+                "fast finite_difference_onesided fp32 [prepared]": dict(hvp="finite_difference_onesided")}
+    if device == "cuda":
+        specs = {
+            "fast piecewise_linear fp32 [prepared, CL]": dict(hvp="piecewise_linear"),
+            "fast piecewise_linear bf16 [prepared, CL]": dict(hvp="piecewise_linear", precision="bf16"),
+            "fast piecewise_linear bf16 [prepared, CL, CUDA graph]": dict(hvp="piecewise_linear", precision="bf16",
+                                                                          cuda_graph=True),
+            "fast finite_difference_onesided bf16 [prepared, CL]": dict(hvp="finite_difference_onesided",
+                                                                        precision="bf16"),
+            "fast finite_difference_onesided bf16 [prepared, CL, CUDA graph]": dict(
+                hvp="finite_difference_onesided", precision="bf16", cuda_graph=True),
+            "fast finite_difference_onesided fp16 [prepared, CL, CUDA graph]": dict(
+                hvp="finite_difference_onesided", precision="fp16", cuda_graph=True),
+            "fast finite_difference fp16 [prepared, CL, CUDA graph]": dict(hvp="finite_difference", precision="fp16",
+                                                                           cuda_graph=True),
+            "fast double_backward bf16 [prepared, CL]": dict(hvp="double_backward", precision="bf16"),
+        }
+        if not quick:
+            specs["fast finite_difference_onesided bf16 [prepared, CL, compile + CUDA graph]"] = dict(
+                hvp="finite_difference_onesided", precision="bf16", compile=True, cuda_graph=True)
+            specs["fast finite_difference_onesided fp16 [prepared, CL, compile + CUDA graph]"] = dict(
+                hvp="finite_difference_onesided", precision="fp16", compile=True, cuda_graph=True)
+        return specs
+    specs = {
+        "fast piecewise_linear fp32 [prepared]": dict(hvp="piecewise_linear"),
+        "fast piecewise_linear fp32 [prepared, channels_last]": dict(hvp="piecewise_linear", channels_last=True),
+        "fast piecewise_linear fp32 [fold BN only]": dict(hvp="piecewise_linear", stem_space_to_depth=False,
+                                                          pool_channels_last=False),
+        "fast finite_difference_onesided fp32 [prepared]": dict(hvp="finite_difference_onesided"),
+        "fast finite_difference fp32 [prepared]": dict(hvp="finite_difference"),
+        "fast piecewise_linear bf16 [prepared, channels_last]": dict(hvp="piecewise_linear", precision="bf16"),
+        "fast finite_difference_onesided bf16 [prepared, channels_last]": dict(hvp="finite_difference_onesided",
+                                                                              precision="bf16"),
+    }
+    if not quick:
+        specs["fast finite_difference_onesided fp32 [prepared, torch.compile]"] = dict(
+            hvp="finite_difference_onesided", compile=True)
+    elif big:
+        specs = {k: v for k, v in specs.items() if k in _QUICK_BIG}
+    return specs
+
+
+def _contenders(cfg: dict, device: str, quick: bool, smoke: bool, problem) -> tuple[dict[str, _Contender], object]:
+    import upi_fast as U
+    from upi_fast.accel import autotune_step
+
+    model, x, y, I_ref, delta = problem
+    B, n = x.shape[0], cfg["loop"]
+
+    def eager(mode):
+        return lambda: U.saliency_loss_grad(model, x, y, I_ref, delta, hvp=mode)
+
+    def loop():
+        return [U.saliency_loss_grad(model, x[i:i + 1], y[i:i + 1], I_ref[i:i + 1], delta, hvp="double_backward")
+                for i in range(n)]
+
+    big = cfg["model"] != "digits CNN"
+    cont = {LOOP: _Contender(loop, n, True), REFERENCE: _Contender(eager("double_backward"), B, True)}
+    modes = ["piecewise_linear"] if smoke else ["piecewise_linear", "finite_difference", "finite_difference_onesided"]
+    if quick and big:
+        modes = ["piecewise_linear", "finite_difference_onesided"]
+    for mode in modes:
+        cont[f"{mode} (eager)"] = _Contender(eager(mode), B, mode == "piecewise_linear")
+    for name, opts in _fast_specs(device, quick, smoke, big).items():
+        try:
+            cont[name] = _fast(model, x, y, I_ref, delta, **dict(opts))
+        except (RuntimeError, ValueError) as exc:  # report, do not abort the suite
+            print(f"  {name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0]})", flush=True)
+    precision = "bf16" if device == "cuda" else "fp32"
+    cands = [{}, {"channels_last": True}] if (quick and big and device == "cpu") else None
+    best = autotune_step(model, x, y, I_ref, delta, hvp="auto", precision=precision, repeat=1 if quick else 2,
+                         candidates=cands)
+    cont[BEST] = _Contender(lambda: best(x, y, I_ref, delta), B, precision == "fp32", best.tuning_time_s_,
+                            f"hvp={best.hvp_}, precision={best.precision}, channels_last={best.channels_last}, "
+                            f"cuda_graph={best.cuda_graph}, chosen among {len(best.tuning_)} candidates")
+    return cont, best
+
+
+# ------------------------------------------------------------------------------------------- memory
+
+def _memory_worker(quick: bool, smoke: bool) -> dict:
+    """CPU peak memory of every contender of every model (a fresh process, see the module doc)."""
+    from .hvp import _cpu_peak_growth_mb
+
+    libc = ctypes.CDLL("libc.so.6")
+    if libc.mallopt(-3, 64 * 1024) != 1:  # M_MMAP_THRESHOLD
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed")
+    out = {}
+    for cfg in configs(quick, "cpu", smoke):
+        problem = build_problem(cfg, "cpu")
+        cont, _ = _contenders(cfg, "cpu", quick, smoke, problem)
+        out[cfg["model"]] = {name: _cpu_peak_growth_mb(c.fn) for name, c in cont.items()}
+        del problem, cont
+    return out
+
+
+def _cpu_memory(quick: bool, smoke: bool) -> tuple[dict, str | None]:
+    cmd = [sys.executable, "-m", __name__, "--memory-worker"] + (["--quick"] if quick else [])
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=3600,
+                              env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {}, f"memory worker failed: {e}"
+    if proc.returncode != 0:
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
+        return {}, f"memory worker failed: {last}"
+    return json.loads(proc.stdout.strip().splitlines()[-1]), None
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def _time_model(cfg: dict, device: str, quick: bool, smoke: bool, rounds: int, repeat: int):
+    from .hvp import _cuda_peak_mb
+
+    problem = build_problem(cfg, device)
+    cont, best = _contenders(cfg, device, quick, smoke, problem)
+    ref_grad = cont[REFERENCE].fn()[1]
+    cos = {}
+    for name, c in cont.items():  # warm-up calls (untimed; oneDNN builds its kernels per shape on first use)
+        for _ in range(1 if (smoke or quick) else 2):
+            out = c.fn()
+        if name != LOOP:
+            cos[name] = _cosine(out[1], ref_grad)
+    times: dict[str, list[float]] = {name: [] for name in cont}
+    for _ in range(rounds):
+        for name, c in cont.items():
+            times[name] += measure(name, c.fn, items=c.items, warmup=0, repeat=repeat, device=device).times_s
+    ms = [Measurement(name, times[name], cont[name].items) for name in cont]
+    if device == "cuda":
+        for m in ms:
+            try:
+                m.peak_mem_mb = _cuda_peak_mb(cont[m.name].fn, torch.device(device))
+            except RuntimeError as exc:  # e.g. out of memory for one contender
+                m.extra["memory_error"] = str(exc).splitlines()[0]
+    return problem, cont, best, ms, cos
+
+
+def _rows(ms: list[Measurement], cont: dict, cos: dict) -> list[dict]:
+    rows = compare(ms, REFERENCE)
+    ref = next(r for r in rows if r["name"] == REFERENCE)
+    loop = next(r for r in rows if r["name"] == LOOP)
+    for r in rows:
+        c = cont[r["name"]]
+        r["speedup_vs_reference"] = r.pop("speedup_vs_" + REFERENCE)
+        r["x_loop"] = r["items_per_s"] / loop["items_per_s"]
+        r["best_items_per_s"] = r["items"] / r["min_s"]
+        r["best_speedup"] = r["best_items_per_s"] / (ref["items"] / ref["min_s"])
+        r["exact"] = "yes" if c.exact else "no"
+        r["setup_s"] = c.setup_s
+        r["info"] = c.info
+        r["cos_vs_ref"] = cos.get(r["name"])
+        r["mem_vs_ref"] = (r["peak_mem_mb"] / ref["peak_mem_mb"]
+                           if r.get("peak_mem_mb") is not None and ref.get("peak_mem_mb") else None)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- GPU extras
+
+def _matmul_rate(device: str, n: int = 8192) -> float:
+    """Measured bf16 matrix rate (FLOP/s) of one n x n x n product (random data, CUDA events)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=g)
+    m = measure("matmul", lambda: a @ b, warmup=3, repeat=10, device=device)
+    return 2 * n ** 3 / m.median_s
+
+
+def _step_flops(best, x, y, I_ref, delta) -> float:
+    """Floating-point operations of one eager call of the best step (CUDA graphs replay the same work)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    saved = best.cuda_graph
+    best.cuda_graph = False
+    try:
+        with FlopCounterMode(display=False) as counter:
+            best(x, y, I_ref, delta)
+    finally:
+        best.cuda_graph = saved
+    return float(counter.get_total_flops())
+
+
+def _profile(fn: Callable, device: str) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    fn()
+    with profile(activities=acts) as prof:
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=25)
+
+
+# ------------------------------------------------------------------------------------------- strength
+
+def _strength(quick: bool, device: str, smoke: bool, best_opts: dict) -> tuple[list[dict], dict]:
+    """UPI-Grad on the digits default for each HVP path: evaluation dissimilarity, fooling rate, fit time."""
+    from upi_fast import UPIGrad, evaluate
+    from upi_fast.accel import prepare_model
+    from upi_fast.data import digits
+    from upi_fast.models import digits_cnn
+
+    splits = digits(seed=0)
+    model = digits_cnn(seed=0, progress=False).to(device).eval()
+    (Xa, ya), (Xe, ye) = splits.attack, splits.eval
+    if smoke:
+        Xa, ya, Xe, ye = Xa[:64], ya[:64], Xe[:64], ye[:64]
+    Xa, ya, Xe, ye = Xa.to(device), ya.to(device), Xe.to(device), ye.to(device)
+    eps = float(0.1 * Xe.reshape(Xe.shape[0], -1).norm(dim=1).mean())
+    epochs = 1 if smoke else (5 if quick else 20)
+    prepared = prepare_model(model, channels_last=best_opts.get("channels_last", False),
+                             stem_space_to_depth=best_opts.get("stem_space_to_depth"),
+                             pool_channels_last=best_opts.get("pool_channels_last"))
+    prepared_cl = prepare_model(model, channels_last=True)
+    mode = best_opts.get("hvp", "piecewise_linear")
+    runs = [("double_backward (reference)", model, "double_backward", "fp32")]
+    if not smoke:
+        runs += [("piecewise_linear", model, "piecewise_linear", "fp32"),
+                 ("finite_difference (central)", model, "finite_difference", "fp32"),
+                 ("finite_difference_onesided", model, "finite_difference_onesided", "fp32")]
+    runs.append((f"best path: prepared model, {mode}", prepared, mode, "fp32"))
+    if not smoke and (device == "cuda" or not quick):  # bf16 on the CPU: oneDNN builds kernels per batch shape
+        runs.append((f"prepared model (CL), {mode}, bf16 autocast", prepared_cl, mode, "bf16"))
+        runs.append(("prepared model (CL), finite_difference_onesided, bf16 autocast", prepared_cl,
+                     "finite_difference_onesided", "bf16"))
+        if device == "cuda":
+            runs += [("prepared model (CL), finite_difference_onesided, fp16 autocast", prepared_cl,
+                      "finite_difference_onesided", "fp16"),
+                     ("prepared model (CL), finite_difference (central), fp16 autocast", prepared_cl,
+                      "finite_difference", "fp16")]
+    UPIGrad(model, eps, epochs=1, batch_size=32, seed=0, progress=False).fit((Xa[:64], ya[:64]))  # warm-up
+    rows = []
+    for name, m, hvp, precision in runs:
+        t0 = time.perf_counter()
+        delta = UPIGrad(m, eps, epochs=epochs, batch_size=32, hvp=hvp, seed=0, progress=False,
+                        precision=precision).fit((Xa, ya)).delta_
+        fit_s = time.perf_counter() - t0
+        res = evaluate(model, delta.to(device), (Xe, ye))
+        rows.append({"name": name, "hvp": hvp, "precision": precision, "dissimilarity": res["dissimilarity"],
+                     "fooling_rate": res["fooling_rate"], "fit_s": fit_s})
+    ref = rows[0]
+    for r in rows:
+        r["strength_vs_ref"] = r["dissimilarity"] / ref["dissimilarity"] if ref["dissimilarity"] else None
+        r["fit_speedup"] = ref["fit_s"] / r["fit_s"]
+    setup = {"data": f"digits, attack {len(ya)} / eval {len(ye)} images", "eps": eps, "epochs": epochs,
+             "batch_size": 32, "seed": 0, "model": "digits_cnn (trained)"}
+    return rows, setup
+
+
+# ------------------------------------------------------------------------------------------- run
+
+def run(quick: bool = False, device: str = "cpu", smoke: bool = False) -> dict:
+    """Run the suite; print Markdown tables; return the results (JSON-able; ``artifacts`` holds the
+    profile tables as text, ``chart`` the headline bars)."""
+    device = torch.device(device).type
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' requested but CUDA is not available")
+    rounds, repeat = (1, 1) if smoke else ((1, 2) if quick else (3, 2))
+    if device == "cuda":
+        rounds, repeat = (1, 2) if (quick or smoke) else (3, 3)
+    t0 = time.perf_counter()
+    memory, mem_note = ({}, "CPU peak memory not measured with --quick / --smoke") if (quick or smoke) else (
+        _cpu_memory(quick, smoke) if device == "cpu" else ({}, None))
+    result = {"suite": "upi_grad", "machine": machine_info(device), "quick": quick, "smoke": smoke,
+              "reference": REFERENCE, "rounds": rounds, "repeats_per_round": repeat, "models": {},
+              "notes": [mem_note] if mem_note else [], "artifacts": {}}
+    if device == "cuda":
+        result["machine"]["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+        result["machine"]["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    chart = {"title": f"UPI-Grad step, images/s relative to {REFERENCE} ({device})", "labels": [], "values": []}
+    best_opts = {}
+    cfgs = configs(quick, device, smoke)
+    for i, cfg in enumerate(cfgs):
+        problem, cont, best, ms, cos = _time_model(cfg, device, quick, smoke, rounds, repeat)
+        if device == "cpu":
+            for m in ms:
+                m.peak_mem_mb = memory.get(cfg["model"], {}).get(m.name)
+        rows = _rows(ms, cont, cos)
+        title = (f"UPI-Grad step: {cfg['model']}, {'x'.join(map(str, cfg['shape']))}, batch {cfg['batch']} "
+                 f"(loop on {cfg['loop']} images), {device}, {torch.get_num_threads()} threads, "
+                 f"median of {rounds * repeat} calls")
+        entry = {"config": cfg, "rows": rows, "table": print_table(title, rows, _COLUMNS),
+                 "best": {"hvp": best.hvp_, "precision": best.precision, "channels_last": best.channels_last,
+                          "cuda_graph": best.cuda_graph, "choice": best.tuning_choice_, "tuning": best.tuning_,
+                          "tuning_time_s": best.tuning_time_s_}}
+        print(f"best path for {cfg['model']}: {cont[BEST].info}", flush=True)
+        best_row = next(r for r in rows if r["name"] == BEST)
+        entry["headline"] = {"best_vs_reference": best_row["speedup_vs_reference"], "best_vs_loop": best_row["x_loop"],
+                             "reference_items_per_s": next(r for r in rows if r["name"] == REFERENCE)["items_per_s"],
+                             "loop_items_per_s": next(r for r in rows if r["name"] == LOOP)["items_per_s"],
+                             "best_items_per_s": best_row["items_per_s"]}
+        for r in rows:
+            chart["labels"].append(f"{cfg['model']}: {r['name']}")
+            chart["values"].append(r["speedup_vs_reference"])
+        model, x, y, I_ref, delta = problem
+        if device == "cuda" and not smoke:
+            rate = _matmul_rate(device)
+            flops = _step_flops(best, x, y, I_ref, delta)
+            achieved = flops / best_row["median_s"]
+            entry["gpu"] = {"bf16_matmul_flops_per_s": rate, "step_flops": flops,
+                            "flops_per_image": flops / x.shape[0], "achieved_flops_per_s": achieved,
+                            "fraction_of_bf16_matmul": achieved / rate,
+                            "epoch_50k_s": {r["name"]: 50_000 / r["items_per_s"] for r in rows}}
+            print(f"{cfg['model']}: bf16 matmul {rate / 1e12:.0f} TFLOP/s; best step {flops / x.shape[0] / 1e9:.1f} "
+                  f"GFLOP/image, {achieved / 1e12:.1f} TFLOP/s = {achieved / rate:.1%} of the matmul rate; "
+                  f"50k-image epoch: best {50_000 / best_row['items_per_s']:.0f} s, reference "
+                  f"{50_000 / entry['headline']['reference_items_per_s']:.0f} s", flush=True)
+        if i == len(cfgs) - 1:  # profile the best step on the largest model
+            result["artifacts"][f"upi_grad_profile_{cfg['model'].replace(' ', '_')}.txt"] = (
+                f"torch.profiler, best path ({cont[BEST].info}), {cfg['model']} batch {cfg['batch']}, {device}\n\n"
+                + _profile(cont[BEST].fn, device))
+        if i == len(cfgs) - 1 and not quick:
+            result["artifacts"][f"upi_grad_profile_{cfg['model'].replace(' ', '_')}_reference.txt"] = (
+                f"torch.profiler, {REFERENCE}, {cfg['model']} batch {cfg['batch']}, {device}\n\n"
+                + _profile(cont[REFERENCE].fn, device))
+        if cfg["model"] == "digits CNN":
+            best_opts = {"hvp": best.hvp_, **best.tuning_choice_}
+        result["models"][cfg["model"]] = entry
+        del problem, cont, best
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    srows, setup = _strength(quick, device, smoke, best_opts)
+    result["strength"] = {"setup": setup, "rows": srows,
+                          "table": print_table(f"Attack strength, UPI-Grad on digits ({setup['epochs']} epochs, "
+                                               f"eps {setup['eps']:.4f}, seed 0), evaluation split, {device}",
+                                               srows, _STRENGTH_COLUMNS)}
+    result["chart"] = chart
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.suites.upi_grad", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and epochs, no torch.compile rows")
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--no-save", action="store_true", help="do not write bench/results/.../upi_grad.json")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        print(json.dumps(_memory_worker(args.quick, args.smoke)))
+        return 0
+    result = run(args.quick, args.device, smoke=args.smoke)
+    print(f"total {result['seconds']:.1f} s")
+    if not args.no_save:
+        path = os.path.join(results_dir(args.device), "upi_grad.json")
+        write_json(path, result)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""upi_fast.accel: every fast path computes the reference mode's gradient.
+
+Exact paths (prepared models, layouts, static batches, kernel rewrites) agree with
+:func:`upi_fast.saliency_loss_grad` on the unprepared model to 1e-5 (relative, float32); compiled
+steps agree with the same step uncompiled to 1e-5 (float64, where the finite-difference division by
+the step does not amplify rounding); bf16 is checked for what it is: close, not exact.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import upi_fast as U
+from upi_fast.accel import (COMPILABLE_MODES, ChannelsLastMaxPool, FastStep, SpaceToDepthConv2d, autotune_step,
+                            fast_step, fold_batchnorm, prepare_model)
+from upi_fast.hvp import SaliencySpec
+
+EXACT_MODES = ("double_backward", "piecewise_linear", "forward")
+ALL_MODES = EXACT_MODES + ("finite_difference", "finite_difference_onesided")
+
+
+def _bn_cnn(dtype=torch.float32, seed=0) -> nn.Module:
+    """A small ResNet-like ReLU CNN: strided 3-channel stem + BatchNorm, max pool, a residual block,
+    BatchNorm after a linear layer; random running statistics (eval mode)."""
+    torch.manual_seed(seed)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 5, stride=2, padding=2, bias=False)
+            self.bn0 = nn.BatchNorm2d(8)
+            self.pool = nn.MaxPool2d(3, 2, 1)
+            self.c1 = nn.Conv2d(8, 8, 3, padding=1)
+            self.bn1 = nn.BatchNorm2d(8)
+            self.c2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8 * 4 * 3, 12)
+            self.bnf = nn.BatchNorm1d(12)
+            self.out = nn.Linear(12, 5)
+
+        def forward(self, x):
+            h = self.pool(torch.relu(self.bn0(self.stem(x))))
+            r = torch.relu(self.bn1(self.c1(h)))
+            h = torch.relu(h + self.bn2(self.c2(r)))
+            h = torch.relu(self.bnf(self.fc(torch.flatten(h, 1))))
+            return self.out(h)
+
+    m = Net()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.running_mean.uniform_(-0.3, 0.3)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+    return m.to(dtype).eval()
+
+
+def _problem(model, shape=(3, 15, 11), batch=5, classes=5, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *shape, generator=g).to(dtype)
+    y = torch.randint(0, classes, (batch,), generator=g)
+    delta = (0.1 * torch.randn(*shape, generator=g)).to(dtype)
+    return x, y, U.saliency(model, x, y), delta
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_fold_batchnorm_same_function_and_caller_untouched():
+    m = _bn_cnn()
+    before = copy.deepcopy(m.state_dict())
+    folded, n = fold_batchnorm(m)
+    assert n == 4  # bn0, bn1, bn2 after convs, bnf after the linear layer
+    assert not any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in folded.modules())
+    x = torch.randn(4, 3, 15, 11)
+    with torch.no_grad():
+        assert _rel(folded(x), m(x)) < 1e-6
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    # nothing foldable / not traceable: an unchanged copy
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    plain(torch.zeros(1, 1, 6, 6))
+    copy_, n0 = fold_batchnorm(plain)
+    assert n0 == 0 and copy_ is not plain
+    with pytest.raises(TypeError, match="model"):
+        fold_batchnorm(lambda x: x)
+
+
+def test_train_mode_batchnorm_is_not_folded():
+    m = _bn_cnn()
+    m.bn1.train()
+    folded, n = fold_batchnorm(m)
+    assert n == 3
+    assert isinstance(folded.get_submodule("bn1"), nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("stride,k,pad,size", [(2, 7, 3, (17, 13)), (2, 5, 2, (16, 16)), (3, 4, 1, (11, 14)),
+                                               (2, 3, 0, (9, 10))])
+def test_space_to_depth_conv_equals_conv(stride, k, pad, size):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, k, stride=stride, padding=pad).double()
+    s2d = SpaceToDepthConv2d(conv)
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    out, ref = s2d(x), conv(x)
+    assert out.shape == ref.shape
+    assert _rel(out, ref) < 1e-12
+    go = torch.randn_like(ref)
+    (g1,) = torch.autograd.grad(out, x, go)
+    (g2,) = torch.autograd.grad(ref, x, go)
+    assert _rel(g1, g2) < 1e-12
+    assert not SpaceToDepthConv2d.applies(nn.Conv2d(3, 6, 3, stride=1))
+    assert not SpaceToDepthConv2d.applies(nn.Conv2d(16, 6, 3, stride=2))
+    with pytest.raises(ValueError, match="conv"):
+        SpaceToDepthConv2d(nn.Conv2d(3, 6, 3, stride=1))
+
+
+def test_channels_last_max_pool_equals_pool_and_its_gradient():
+    pool = nn.MaxPool2d(3, 2, 1)
+    wrapped = ChannelsLastMaxPool(pool)
+    x = torch.randn(2, 4, 9, 8, requires_grad=True)
+    out = wrapped(x)
+    assert out.is_contiguous() and torch.equal(out, pool(x))
+    go = torch.randn_like(out)
+    (g1,) = torch.autograd.grad(out, x, go)
+    (g2,) = torch.autograd.grad(pool(x), x, go)
+    assert g1.is_contiguous() and torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_fast_step_matches_reference_mode(mode):
+    m = _bn_cnn()
+    x, y, I_ref, delta = _problem(m)
+    ref_loss, ref_grad = U.saliency_loss_grad(m, x, y, I_ref, delta, hvp=mode)
+    variants = [dict(), dict(channels_last=True), dict(static_batch=2), dict(static_batch=8),
+                dict(prepare=False), dict(fold_bn=False, stem_space_to_depth=False, pool_channels_last=False)]
+    if mode == "forward":  # the slowest mode (torch.func transforms): the layout and batching variants only
+        variants = variants[1:3]
+    for kw in variants:
+        step = FastStep(m, hvp=mode, **kw)
+        loss, grad = step(x, y, I_ref, delta)
+        assert step.hvp_ == mode
+        assert grad.shape == delta.shape and grad.dtype == torch.float32
+        assert _rel(grad, ref_grad) < 1e-5, (mode, kw)
+        assert float((loss - ref_loss).abs().max()) < 1e-5, (mode, kw)
+        assert step.setup_time_s_ is not None and step.setup_time_s_ >= 0
+    # per-sample perturbations, as UPI-PCA's directions
+    per = delta.expand(x.shape[0], *delta.shape).contiguous() + 0.01 * torch.randn(x.shape[0], *delta.shape)
+    _, ref_per = U.saliency_loss_grad(m, x, y, I_ref, per, hvp=mode)
+    _, got = FastStep(m, hvp=mode, static_batch=2)(x, y, I_ref, per)
+    assert got.shape == per.shape and _rel(got, ref_per) < 1e-5
+
+
+def test_fast_step_auto_resolves_and_caller_model_untouched():
+    m = _bn_cnn()
+    state = copy.deepcopy(m.state_dict())
+    x, y, I_ref, delta = _problem(m)
+    step = fast_step(m)
+    _, grad = step(x, y, I_ref, delta)
+    assert step.hvp_ == "piecewise_linear"
+    _, ref = U.saliency_loss_grad(m, x, y, I_ref, delta, hvp="double_backward")
+    assert _rel(grad, ref) < 1e-5
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
+    assert all(p.requires_grad for p in m.parameters())
+    assert not any(p.requires_grad for p in step.model_.parameters())
+
+
+def test_fast_step_non_lean_specs_use_the_reference_code():
+    m = _bn_cnn()
+    x, y, _, delta = _problem(m)
+    for spec in (SaliencySpec(method="integrated", steps=3), SaliencySpec(postprocess="raw"),
+                 SaliencySpec(multiply_by_input=True, dissimilarity="cosine")):
+        I_ref = U.saliency(m, x, y, method=spec.method, postprocess=spec.postprocess, steps=spec.steps,
+                           multiply_by_input=spec.multiply_by_input)
+        ref = U.saliency_loss_grad(m, x, y, I_ref, delta, dissimilarity=spec.dissimilarity, hvp="piecewise_linear",
+                                   method=spec.method, postprocess=spec.postprocess, steps=spec.steps,
+                                   multiply_by_input=spec.multiply_by_input)[1]
+        got = FastStep(m, spec, hvp="piecewise_linear")(x, y, I_ref, delta)[1]
+        assert _rel(got, ref) < 1e-5
+
+
+def test_compiled_first_order_step_equals_uncompiled():
+    """One compilation (inductor, a few seconds): both first-order modes run on the compiled model."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5)).double().eval()
+    x, y, I_ref, delta = _problem(m, shape=(1, 8, 8), batch=6, dtype=torch.float64)
+    comp = FastStep(m, hvp="finite_difference_onesided", compile=True, static_batch=4)
+    got = comp(x, y, I_ref, delta)
+    assert comp.setup_time_s_ > 0 and comp.static_batch == 4
+    for mode in COMPILABLE_MODES:
+        comp.hvp_ = mode  # the same compiled model serves both first-order modes
+        got = comp(x, y, I_ref, delta)
+        plain = FastStep(m, hvp=mode, static_batch=4)(x, y, I_ref, delta)
+        ref = U.saliency_loss_grad(m, x, y, I_ref, delta, hvp=mode)
+        assert _rel(got[1], plain[1]) < 1e-5 and _rel(plain[1], ref[1]) < 1e-9
+        assert float((got[0] - plain[0]).abs().max()) < 1e-7
+
+
+def test_bf16_step_is_close_not_exact():
+    m = _bn_cnn()
+    x, y, I_ref, delta = _problem(m, batch=8)
+    _, ref = U.saliency_loss_grad(m, x, y, I_ref, delta, hvp="piecewise_linear")
+    step = FastStep(m, hvp="piecewise_linear", precision="bf16")
+    loss, grad = step(x, y, I_ref, delta)
+    assert step.channels_last and grad.dtype == torch.float32 and bool(torch.isfinite(grad).all())
+    cos = float(torch.nn.functional.cosine_similarity(grad.flatten().double(), ref.flatten().double(), dim=0))
+    assert cos > 0.8
+
+
+def test_piecewise_confirmation_runs_in_full_precision_under_autocast():
+    m = _bn_cnn(seed=3)  # a fresh model object: no cached verdict
+    x, y, I_ref, delta = _problem(m)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grad = U.saliency_loss_grad(m, x, y, I_ref, delta, hvp="piecewise_linear")
+    assert bool(torch.isfinite(grad).all())
+
+
+def test_autotune_picks_a_candidate_and_keeps_the_result():
+    m = _bn_cnn()
+    x, y, I_ref, delta = _problem(m)
+    step = autotune_step(m, x, y, I_ref, delta, hvp="piecewise_linear", repeat=1,
+                         candidates=[{}, {"channels_last": True}])
+    assert isinstance(step, FastStep) and len(step.tuning_) == 2
+    assert step.tuning_choice_ in [t["options"] for t in step.tuning_]
+    _, ref = U.saliency_loss_grad(m, x, y, I_ref, delta, hvp="piecewise_linear")
+    assert _rel(step(x, y, I_ref, delta)[1], ref) < 1e-5
+    bad = autotune_step(m, x, y, I_ref, delta, candidates=[{"precision": "fp16"}, {}], hvp="piecewise_linear")
+    assert "error" in bad.tuning_[0] and bad.tuning_choice_ == {}
+    with pytest.raises(ValueError, match="candidates"):
+        autotune_step(m, x, y, I_ref, delta, candidates=[])
+
+
+def test_bad_arguments_are_refused():
+    m = _bn_cnn()
+    x, y, I_ref, delta = _problem(m)
+    with pytest.raises(ValueError, match="hvp"):
+        FastStep(m, hvp="nope")
+    with pytest.raises(ValueError, match="precision"):
+        FastStep(m, precision="fp8")
+    with pytest.raises(ValueError, match="fp16"):
+        FastStep(m, precision="fp16")
+    with pytest.raises(ValueError, match="cuda_graph"):
+        FastStep(m, cuda_graph=True)
+    with pytest.raises(ValueError, match="91469"):
+        FastStep(m, hvp="double_backward", compile=True)
+    with pytest.raises(ValueError, match="piecewise"):
+        FastStep(m, hvp="piecewise_linear", compile=True)
+    with pytest.raises(TypeError, match="spec"):
+        FastStep(m, spec="simple")
+    with pytest.raises(ValueError, match="static_batch"):
+        FastStep(m, static_batch=0)
+    step = FastStep(m, hvp="piecewise_linear")
+    with pytest.raises(ValueError, match="I_ref"):
+        step(x, y, I_ref[:, :-1], delta)
+    with pytest.raises(ValueError, match="delta"):
+        step(x, y, I_ref, delta[:, :-1])
+    with pytest.raises(ValueError, match="y"):
+        step(x, y[:-1], I_ref, delta)
+    with pytest.raises(TypeError, match="model"):
+        prepare_model(lambda t: t)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["piecewise_linear", "finite_difference_onesided", "double_backward"])
+def test_cuda_graph_step_matches_eager(mode):
+    m = _bn_cnn().cuda()
+    x, y, I_ref, delta = (t.cuda() for t in _problem(m.cpu()))
+    m = m.cuda()
+    eager = FastStep(m, hvp=mode, static_batch=4)(x, y, I_ref, delta)
+    step = FastStep(m, hvp=mode, cuda_graph=True, static_batch=4)
+    for _ in range(2):
+        got = step(x, y, I_ref, delta)
+    assert step.cuda_graph, step.notes_
+    assert _rel(got[1], eager[1]) < 1e-4
