@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["make_model", "grey_model", "oom_model", "not_a_module", "train_mode_model", "make_image_folder",
-           "OOM_LIMIT_ENV"]
+__all__ = ["make_model", "grey_model", "oom_model", "nograd_model", "const_model", "not_a_module",
+           "train_mode_model", "make_image_folder", "OOM_LIMIT_ENV"]
+
 
 #: ``oom_model`` raises ``torch.OutOfMemoryError`` for a forward pass over more images than this.
 OOM_LIMIT_ENV = "UPI_TEST_OOM_LIMIT"
@@ -54,6 +55,35 @@ def oom_model(limit: int | None = None, base: nn.Module | None = None) -> nn.Mod
     if limit is None:
         limit = int(os.environ.get(OOM_LIMIT_ENV, "4"))
     return _OOMAbove(make_model() if base is None else base, limit).eval()
+
+
+class _NoGrad(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(x)
+
+
+class _Const(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor([0.0, 0.0, 1.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(x.shape[0], 3)
+
+
+def const_model() -> nn.Module:
+    """Logits that do not depend on the input (always class 2)."""
+    return _Const().eval()
+
+
+def nograd_model() -> nn.Module:
+    """:func:`make_model` run under ``torch.no_grad``: not differentiable in its input."""
+    return _NoGrad(make_model()).eval()
 
 
 def not_a_module():

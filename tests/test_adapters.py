@@ -135,6 +135,8 @@ def test_explain_func_bad_input_is_a_clear_error(setup):
         adapters.quantus_explain_func("smoothgrad")
     with pytest.raises(TypeError, match="model must be a callable"):
         fn(model=object(), inputs=X.numpy(), targets=y.numpy())
+    with pytest.raises(ValueError, match="the model is on cpu but device='meta' was requested"):
+        fn(model=model, inputs=X.numpy(), targets=y.numpy(), device="meta")
 
 
 # --------------------------------------------------------------------------------------------- perturb_func

@@ -22,7 +22,8 @@ from upi_fast.models import load_state_dict_file
 from upi_fast.pipeline import ComputeConfig, compute, evaluate_file, option_of
 from upi_fast.solvers import UPIGrad, UPIPCA
 
-from hardening_support import make_image_folder, make_model, train_mode_model
+from hardening_fixtures import one_thread  # noqa: F401 (autouse fixture)
+from hardening_support import make_image_folder, train_mode_model
 
 SOLVERS = {"grad": lambda m, eps=0.3, **kw: UPIGrad(m, eps, epochs=1, batch_size=8, progress=False, **kw),
            "pca": lambda m, eps=0.3, **kw: UPIPCA(m, eps, batch_size=8, progress=False, **kw)}
@@ -356,7 +357,7 @@ def test_pipeline_errors_are_typed_and_blame_an_option(tmp_path):
         (dict(method="svd"), ValueError, "method", "--method"),
         (dict(batch_size=0), ValueError, "batch_size", "--batch-size"),
         (dict(data=str(tmp_path / "nope")), FileNotFoundError, "nope", "--data"),
-        (dict(model="hardening_support:grey_model"), ValueError, "cannot process images", "--model"),
+        (dict(model="hardening_support:grey_model"), ValueError, "cannot process images", "--model/--size"),
         (dict(data=five, attack_samples=8, eval_samples=2), ValueError, r"labels outside \[0, 2\]", "--data"),
         (dict(model="hardening_support:not_a_module"), ValueError, "not an nn.Module", "--model"),
         (dict(weights=str(tmp_path / "w.pt")), FileNotFoundError, "weights", "--weights"),

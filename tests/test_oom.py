@@ -18,6 +18,7 @@ from upi_fast.io import load_perturbation
 from upi_fast.solvers import BatchOutOfMemoryError, UPIGrad, UPIPCA
 from upi_fast.solvers._microbatch import MicroBatcher, is_out_of_memory
 
+from hardening_fixtures import one_thread  # noqa: F401 (autouse fixture)
 from hardening_support import make_image_folder, oom_model
 
 
@@ -130,7 +131,7 @@ def test_upi_pca_retry_equals_the_unsplit_run(kw):
     torch.testing.assert_close(got.singular_values_, want.singular_values_, rtol=1e-6, atol=1e-7)
 
 
-def test_cli_oom_error_and_retry(tmp_path, capsys, monkeypatch):
+def test_cli_oom_error_and_retry(tmp_path, capsys, monkeypatch, caplog):
     data = make_image_folder(tmp_path / "imgs", per_class=4)
     args = ["compute", "--data", data, "--size", "8", "--eps", "0.5", "--epochs", "2", "--batch-size", "6",
             "--attack-samples", "6", "--eval-samples", "6", "--no-progress", "--seed", "2"]
@@ -141,7 +142,7 @@ def test_cli_oom_error_and_retry(tmp_path, capsys, monkeypatch):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "--batch-size" in err[0] and "--oom-retry" in err[0] and "Traceback" not in err[0]
     assert main([*args, "--model", "hardening_support:oom_model", "--oom-retry", "--out", str(tmp_path / "ok")]) == 0
-    assert "retrying in micro-batches" in capsys.readouterr().err
+    assert "retrying in micro-batches" in caplog.text  # the upi_fast logger (stderr outside pytest)
     d_ref, _ = load_perturbation(tmp_path / "ref" / "upi.safetensors")
     d_ok, _ = load_perturbation(tmp_path / "ok" / "upi.safetensors")
     torch.testing.assert_close(d_ok, d_ref, rtol=1e-4, atol=1e-5)  # float32 sums in another order

@@ -2,24 +2,30 @@
 
 The attack step (:func:`upi_fast.saliency_loss_grad`) is dominated by convolutions in four passes
 (primal forward, gradient, tangent forward or second gradient, second backward). What this module
-changes, each measured in ``bench/suites/upi_grad.py`` (``bench/RESULTS.md`` has the numbers):
+changes, each measured side by side in ``bench/suites/upi_grad.py`` (numbers in ``bench/RESULTS.md``):
 
 * :func:`fold_batchnorm`: every eval-mode BatchNorm that directly follows a convolution or linear
   layer is folded into it (``W' = W * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma /
   sqrt(var + eps) + beta``, computed in float64): the same function to float rounding, one
   memory-bound op fewer per layer in *every* pass (forward, tangent forward, both backwards);
-* :func:`prepare_model`: an eval-mode copy, BatchNorm folded, parameters frozen
-  (``requires_grad=False``: no weight-gradient bookkeeping), optionally channels_last;
+* CPU kernel choices: :class:`SpaceToDepthConv2d` (a strided stem over few channels as a stride-1
+  convolution: oneDNN's input gradient of ResNet's 3-channel 7x7/2 stem is 2.5x faster that way) and
+  :class:`ChannelsLastMaxPool` (the NCHW max-pooling kernel is ~10x slower than the NHWC one);
+* :func:`prepare_model`: an eval-mode copy with the above, parameters frozen (``requires_grad=False``),
+  optionally channels_last (NHWC);
 * :class:`FastStep` / :func:`fast_step`: ``step(x, y, I_ref, delta) -> (loss, grad)`` with the HVP
-  mode resolved once, autocast (``precision="bf16"`` / ``"fp16"``), channels_last inputs,
-  ``torch.compile`` of the model for the first-order (finite-difference) modes, and on CUDA the whole
-  fixed-shape step captured as a CUDA graph.
+  mode resolved once, a lean step without per-call host synchronisation, bf16 / fp16 autocast,
+  channels_last inputs, a static batch (padding / chunking), ``torch.compile`` of the model for the
+  first-order (finite-difference) modes, and on CUDA the whole fixed-shape step captured as a CUDA
+  graph; :func:`autotune_step` times a few equivalent option sets on a real batch and keeps the
+  fastest (as cuDNN's benchmark mode does).
 
-Exactness: with ``precision="fp32"`` and no ``compile``, the step computes the reference mode's
-gradient (the same code, :func:`upi_fast.hvp._loss_grad`, on the prepared model): agreement to
-float32 rounding (tests: relative error under 1e-5). ``torch.compile`` reorders float operations
-(agreement to ~1e-5 with the uncompiled step); bf16 / fp16 change the arithmetic (judge by attack
-strength, see ``bench/RESULTS.md``).
+Exactness: in float32 without ``compile`` every path computes the reference mode's gradient to
+float32 rounding (tests: relative error under 1e-5 against :func:`upi_fast.saliency_loss_grad` on the
+unprepared model); specs the lean step does not cover (integrated / smoothgrad saliency,
+``multiply_by_input``, ``raw`` maps, ``topk``) run the reference code itself on the prepared model.
+``torch.compile`` agrees with the uncompiled step to rounding; bf16 / fp16 change the arithmetic
+(judge them by attack strength, ``bench/RESULTS.md``).
 
 What :func:`torch.compile` cannot do here: double backward (PyTorch issue #91469) and the
 piecewise-linear tangent pass (a ``TorchFunctionMode`` replaying recorded activation masks); for those

@@ -144,9 +144,12 @@ class QuantusExplainFunc:
         net = _unwrap_model(model)
         dev = resolve_device(kwargs.get("device", self.device), net)
         params = list(net.parameters()) if isinstance(net, nn.Module) else []
-        if params and params[0].device != dev:
-            raise ValueError(f"the model is on {params[0].device} but device={str(dev)!r} was requested; "
-                             f"move the model or pass the model's device")
+        if params:
+            have = params[0].device
+            if have.type != dev.type or (dev.index is not None and have.index not in (None, dev.index)):
+                raise ValueError(f"the model is on {have} but device={str(dev)!r} was requested; "
+                                 f"move the model or pass the model's device")
+            dev = have  # "cuda" (Quantus's spelling) means the model's own cuda:N
         dtype = params[0].dtype if params and params[0].is_floating_point() else torch.float32
         x = _as_tensor("inputs", inputs, dtype, dev)
         if x.dim() != 4:

@@ -234,7 +234,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise ValueError(f"could not read weights from {str(p)!r} as safetensors: {e}") from None
     else:
         try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's advisories about the pickle protocol: not ours to show
+                warnings.simplefilter("ignore")
+                obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"refusing to load weights from {str(p)!r}: torch.load(weights_only=True) failed "

@@ -41,11 +41,12 @@ _log = logging.getLogger("upi_fast")
 # message itself is the API's. Rules are tried in order; the stage's default comes last.
 _GENERAL_RULES = (
     (re.compile(r"precision"), "--precision"),
+    (re.compile(r"^resume\b"), "--resume"),
     (re.compile(r"checkpoint"), "--checkpoint-dir"),
-    (re.compile(r"\bresume\b"), "--resume"),
     (re.compile(r"\bhvp\b"), "--hvp"),
     (re.compile(r"\bsolver\b"), "--solver"),
     (re.compile(r"backend", re.IGNORECASE), "--backend"),
+    (re.compile(r"cannot process images of shape"), "--model/--size"),
     (re.compile(r"^the model"), "--model"),
     (re.compile(r"\bdata\b"), "--data"),
 )
@@ -108,6 +109,7 @@ def _check_config(cfg: "ComputeConfig") -> "ComputeConfig":
     with _blame("--eps", ()):
         if (cfg.eps is None) == (cfg.eps_pixels is None):
             raise ValueError("give exactly one of eps and eps_pixels")
+    with _blame("--eps" if cfg.eps is not None else "--eps-pixels", ()):
         check_positive("eps" if cfg.eps is not None else "eps_pixels",
                        cfg.eps if cfg.eps is not None else cfg.eps_pixels)
     with _blame("--norm", ()):
@@ -137,7 +139,10 @@ def eps_from_pixels(eps_pixels: float, norm: float, input_shape: tuple) -> float
 
 @dataclasses.dataclass
 class ComputeConfig:
-    """Everything ``upi-fast compute`` needs (validated by the CLI)."""
+    """Everything ``upi-fast compute`` needs (validated by the CLI, and again by :func:`compute`).
+
+    ``oom_retry``: split batches that do not fit the device's memory into micro-batches instead of
+    stopping (``--oom-retry``; see :class:`upi_fast.solvers.UPIGrad`)."""
     data: str
     model: str
     out: str

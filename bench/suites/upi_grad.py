@@ -129,8 +129,9 @@ _QUICK_BIG = ("fast piecewise_linear fp32 [prepared]", "fast finite_difference_o
               "fast piecewise_linear bf16 [prepared, channels_last]")
 
 
-def _fast_specs(device: str, quick: bool, smoke: bool, big: bool = False) -> dict[str, dict]:
-    """name -> FastStep options of the fast contenders (``big``: a large model, fewer rows with --quick)."""
+def _fast_specs(device: str, quick: bool, smoke: bool, big: bool = False, model: str = "") -> dict[str, dict]:
+    """name -> FastStep options of the fast contenders (``big``: a large model, fewer rows with --quick;
+    on CUDA the compiled rows, a minute or more of compilation each, for ResNet-50 only, not with --quick)."""
     if smoke:
         return {"fast piecewise_linear fp32 [prepared]": dict(hvp="piecewise_linear"),
                 "fast finite_difference_onesided fp32 [prepared]": dict(hvp="finite_difference_onesided")}
@@ -150,11 +151,9 @@ def _fast_specs(device: str, quick: bool, smoke: bool, big: bool = False) -> dic
                                                                            cuda_graph=True),
             "fast double_backward bf16 [prepared, CL]": dict(hvp="double_backward", precision="bf16"),
         }
-        if not quick:
+        if not quick and model == "resnet50":
             specs["fast finite_difference_onesided bf16 [prepared, CL, compile + CUDA graph]"] = dict(
                 hvp="finite_difference_onesided", precision="bf16", compile=True, cuda_graph=True)
-            specs["fast finite_difference_onesided fp16 [prepared, CL, compile + CUDA graph]"] = dict(
-                hvp="finite_difference_onesided", precision="fp16", compile=True, cuda_graph=True)
         return specs
     specs = {
         "fast piecewise_linear fp32 [prepared]": dict(hvp="piecewise_linear"),
@@ -196,7 +195,7 @@ def _contenders(cfg: dict, device: str, quick: bool, smoke: bool, problem) -> tu
         modes = ["piecewise_linear", "finite_difference_onesided"]
     for mode in modes:
         cont[f"{mode} (eager)"] = _Contender(eager(mode), B, mode == "piecewise_linear")
-    for name, opts in _fast_specs(device, quick, smoke, big).items():
+    for name, opts in _fast_specs(device, quick, smoke, big, cfg["model"]).items():
         try:
             cont[name] = _fast(model, x, y, I_ref, delta, **dict(opts))
         except (RuntimeError, ValueError) as exc:  # report, do not abort the suite
@@ -407,6 +406,8 @@ def run(quick: bool = False, device: str = "cpu", smoke: bool = False) -> dict:
               "reference": REFERENCE, "rounds": rounds, "repeats_per_round": repeat, "models": {},
               "notes": [mem_note] if mem_note else [], "artifacts": {}}
     if device == "cuda":
+        torch.backends.cudnn.benchmark = True  # every contender alike: cuDNN picks its fastest algorithms
+        result["machine"]["cudnn_benchmark"] = True
         result["machine"]["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
         result["machine"]["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
     chart = {"title": f"UPI-Grad step, images/s relative to {REFERENCE} ({device})", "labels": [], "values": []}

@@ -60,9 +60,10 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _release(device: torch.device | None) -> None:
-    """Return cached blocks after an out-of-memory error (the failed attempt's tensors are gone)."""
-    gc.collect()
+    """Return the failed attempt's memory to the device: its tensors are freed with the exception's
+    frames (a collection catches any cycle), then the CUDA cache is emptied."""
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
