@@ -1,7 +1,7 @@
 """Every worked example in examples/ runs end to end (``--smoke``: tiny generated or embedded data).
 
-Each runs in its own process, as a user would run it; together they take well under a minute on
-2 CPU cores. A new example must be added to ``EXAMPLES`` (checked).
+Each runs in its own process, as a user would run it (single-threaded, see below); together they
+take well under a minute on 2 CPU cores. A new example must be added to ``EXAMPLES`` (checked).
 """
 from __future__ import annotations
 
@@ -36,7 +36,10 @@ def test_example_runs(script, tmp_path):
     extra, expect, files = EXAMPLES[script]
     out = tmp_path / "out"
     cmd = [sys.executable, os.path.join(EXAMPLES_DIR, script), "--smoke"] + [a.format(out=out) for a in extra]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    # One thread: on a shared, oversubscribed CPU, OpenMP's spinning threads made these runs 3-10x
+    # slower (measured: example 1 took 32 s with 2 threads, 9.5 s with 1, at load average 4 on 2 cores).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert res.returncode == 0, f"{script} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     for line in expect:
         assert line in res.stdout, f"{script}: {line!r} not in its output:\n{res.stdout[-3000:]}"

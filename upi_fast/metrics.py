@@ -29,7 +29,8 @@ def _pair(I: torch.Tensor, I_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def relative_l2(I: torch.Tensor, I_ref: torch.Tensor) -> torch.Tensor:
-    """``||I - I_ref||_2 / ||I_ref||_2`` per sample, (B,)."""
+    """``||I - I_ref||_2 / ||I_ref||_2`` per sample: maps (B, N) (or (B, ...), flattened) -> (B,)
+    in ``I``'s dtype, dimensionless."""
     a, r = _pair(I, I_ref)
     return dissimilarity(a, r, "rel_l2")
 
@@ -49,7 +50,8 @@ def topk_intersection(I: torch.Tensor, I_ref: torch.Tensor, k: int | None = None
 
 
 def rankdata(x: torch.Tensor) -> torch.Tensor:
-    """Ranks (1-based, float64) along dim 1, ties receiving the average of their ranks."""
+    """Ranks (1-based, float64) along dim 1 of ``x`` (B, n) -> (B, n), ties receiving the average of
+    their ranks."""
     B, n = x.shape
     s, order = x.sort(dim=1, stable=True)
     pos = torch.arange(n, device=x.device).expand(B, n)
@@ -114,8 +116,9 @@ def center_of_mass_shift(I: torch.Tensor, I_ref: torch.Tensor, shape: tuple[int,
 
 
 def fooling_rate(pred_clean: torch.Tensor, pred_perturbed: torch.Tensor) -> float:
-    """Fraction of samples whose predicted label changed (lower is better for an interpretation
-    attack, which should leave the label alone)."""
+    """Fraction in [0, 1] of samples whose predicted label changed, from the predicted labels (B,)
+    before and after the perturbation (lower is better for an interpretation attack, which should
+    leave the label alone)."""
     if pred_clean.shape != pred_perturbed.shape:
         raise ValueError("pred_clean and pred_perturbed must have the same shape")
     if pred_clean.numel() == 0:

@@ -33,6 +33,7 @@ __all__ = [
     "PlantedRows", "top_singular_vectors", "exact_svd", "METHODS",
 ]
 
+#: Methods accepted by :func:`top_singular_vectors`.
 METHODS = ("auto", "exact", "sketch", "subspace", "block_krylov", "frequent_directions")
 _DIRECT_MAX_ELEMENTS = 4_000_000  # below this, torch.linalg.svd on the matrix itself
 
@@ -100,7 +101,7 @@ def _single_pass(blocks: Iterable, d: int | None, k: int, method: str, kw: dict)
 
 
 def top_singular_vectors(source: object, k: int = 1, method: str = "auto", memory_budget_bytes: int = 2**30,
-                         **kw) -> tuple[torch.Tensor, torch.Tensor]:
+                         **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k singular values ``S`` (k,) and right singular vectors ``Vh`` (k, d) of an n x d matrix.
 
     Args:

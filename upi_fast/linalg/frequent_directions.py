@@ -52,6 +52,7 @@ class FrequentDirections:
 
     @property
     def device(self) -> torch.device:
+        """device holding the sketch buffer."""
         return self.buffer.device
 
     @property

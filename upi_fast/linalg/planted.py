@@ -63,7 +63,7 @@ class PlantedRows(CallableRows):
         super().__init__(self._rows, n, d, block_size)
 
     @classmethod
-    def preset(cls, kind: str, n: int, d: int, r: int = 20, seed: int = 0, **kw) -> "PlantedRows":
+    def preset(cls, kind: str, n: int, d: int, r: int = 20, seed: int = 0, **kw: object) -> "PlantedRows":
         """A :data:`SPECTRA` preset (``"fast"``, ``"slow"``, ``"gap"``, ``"ratio127"``) with r planted values."""
         if kind not in SPECTRA:
             raise ValueError(f"kind must be one of {sorted(SPECTRA)}, got {kind!r}")

@@ -117,6 +117,7 @@ class StreamingSketch:
     # ------------------------------------------------------------------ helpers
     @property
     def device(self) -> torch.device:
+        """device holding the sketch state."""
         return self.W.device
 
     def _params(self) -> dict:

@@ -78,17 +78,21 @@ class TensorRows:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(n, d)``: rows and row width."""
         return (int(self.tensor.shape[0]), int(self.tensor.shape[1]))
 
     @property
     def dtype(self) -> torch.dtype:
+        """dtype of the rows as stored."""
         return self.tensor.dtype
 
     @property
     def device(self) -> torch.device:
+        """device the blocks are returned on."""
         return self.tensor.device
 
     def blocks(self, block_size: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(row_offset, block)`` pairs covering the rows in order; blocks are (b, d), b <= block_size."""
         n = self.tensor.shape[0]
         bs = n if block_size is None else check_positive_int(block_size, "block_size")
         for start in range(0, n, max(bs, 1)):
@@ -126,17 +130,21 @@ class MemmapRows:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(n, d)``: rows and row width."""
         return (self.n, self.d)
 
     @property
     def dtype(self) -> torch.dtype:
+        """dtype of the rows as stored."""
         return self._dtype
 
     @property
     def device(self) -> torch.device:
+        """device the blocks are returned on."""
         return self._device
 
     def blocks(self, block_size: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(row_offset, block)`` pairs covering the rows in order; blocks are (b, d), b <= block_size."""
         bs = (default_block_size(self.d, torch.finfo(self._dtype).bits // 8) if block_size is None
               else check_positive_int(block_size, "block_size"))
         for start in range(0, self.n, bs):
@@ -208,9 +216,11 @@ class CallableRows:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(n, d)``: rows and row width."""
         return (self.n, self.d)
 
     def blocks(self, block_size: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(row_offset, block)`` pairs covering the rows in order; blocks are (b, d), b <= block_size."""
         bs = self.block_size if block_size is None else check_positive_int(block_size, "block_size")
         for start in range(0, self.n, bs):
             stop = min(start + bs, self.n)

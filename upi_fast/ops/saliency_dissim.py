@@ -20,6 +20,7 @@ from . import register
 
 __all__ = ["saliency_dissim", "saliency_dissim_reference", "fused_saliency_loss", "KINDS"]
 
+#: Dissimilarities the fused op implements.
 KINDS = ("l2", "rel_l2", "cosine")
 _TINY = 1e-30
 

@@ -140,6 +140,7 @@ class SoftplusSurrogate(torch.nn.Module):
         self.beta = float(beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``softplus(beta x) / beta`` of ``x`` (any shape)."""
         return softplus(x, self.beta)
 
     def extra_repr(self) -> str:
