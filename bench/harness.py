@@ -127,11 +127,24 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> str:
     return text
 
 
+def _cpu_model() -> str:
+    """The processor's name and its vector / matrix extensions that matter here (Linux)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            text = fh.read()
+    except OSError:
+        return platform.processor() or "unknown"
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "unknown")
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(ext)})" if ext else name
+
+
 def machine_info(device: torch.device | str = "cpu") -> dict:
     device = torch.device(device)
     info = {"date": _dt.date.today().isoformat(), "python": platform.python_version(),
             "torch": torch.__version__, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "platform": platform.platform(), "device": str(device)}
+            "platform": platform.platform(), "cpu": _cpu_model(), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

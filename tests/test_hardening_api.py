@@ -3,6 +3,7 @@ names the argument (cases already covered elsewhere are not repeated: see test_s
 test_saliency, test_io, test_models, test_data)."""
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import warnings
@@ -373,5 +374,48 @@ def test_pipeline_errors_are_typed_and_blame_an_option(tmp_path):
     assert not (tmp_path / "out" / "upi.safetensors").exists()
     save_perturbation(tmp_path / "grey.safetensors", torch.zeros(1, 8, 8))
     with pytest.raises(ValueError, match=r"shape \(1, 8, 8\), expected \(3, 8, 8\)") as info:
-        evaluate_file(str(tmp_path / "grey.safetensors"), data, "hardening_support:make_model", size=8, log=lambda *a: None)
+        evaluate_file(str(tmp_path / "grey.safetensors"), data, "hardening_support:make_model", size=8,
+                      log=lambda *a: None)
     assert option_of(info.value) == "perturbation"
+
+
+# ------------------------------------------------------------------------------------------ zero maps
+def _dead_relu_problem():
+    """A ReLU model whose units are all dead on dark images (input gradient exactly zero, logits =
+    the last bias: class 2) and alive on bright ones; 12 bright and 6 dark images, labelled by it."""
+    g = torch.Generator().manual_seed(4)
+    m = nn.Sequential(nn.Flatten(), nn.Linear(36, 5), nn.ReLU(), nn.Linear(5, 3))
+    with torch.no_grad():
+        m[1].weight.copy_(torch.rand(5, 36, generator=g) / 36)
+        m[1].bias.fill_(-0.3)
+        m[3].weight.copy_(torch.randn(3, 5, generator=g))
+        m[3].bias.copy_(torch.tensor([0.0, 0.0, 0.5]))
+    X = torch.cat([0.5 + 0.5 * torch.rand(12, 1, 6, 6, generator=g), 0.1 * torch.rand(6, 1, 6, 6, generator=g)])
+    X = X[torch.randperm(18, generator=g)]
+    with torch.no_grad():
+        y = m.eval()(X).argmax(1)
+    zero = saliency(m, X, y).abs().sum(1) == 0
+    assert 3 <= int(zero.sum()) <= 12
+    return m, X, y, zero
+
+
+@pytest.mark.parametrize("what", ["grad", "pca", "evaluate"])
+def test_samples_with_a_zero_saliency_map_are_left_out(what):
+    """A sample whose clean map is zero has no interpretation to attack or compare (rel_l2 would
+    divide by zero): left out, like a misclassified sample; results equal those without it."""
+    m, X, y, zero = _dead_relu_problem()
+    if what == "evaluate":
+        delta = torch.full((1, 6, 6), 0.05)
+        got, want = evaluate(m, delta, (X, y)), evaluate(m, delta, (X[~zero], y[~zero]))
+        assert got.pop("n_total") == 18 and want.pop("n_total") == int((~zero).sum())
+        assert got == want and math.isfinite(got["dissimilarity"])
+    else:
+        fit = lambda X_, y_: SOLVERS[what](m, 0.5, dissimilarity="rel_l2", seed=2).fit((X_, y_))  # noqa: E731
+        got, want = fit(X, y), fit(X[~zero], y[~zero])
+        assert torch.equal(got.delta_, want.delta_) and bool(torch.isfinite(got.delta_).all())
+        assert got.n_samples_ == want.n_samples_ == int((~zero).sum())
+        loader = DataLoader(TensorDataset(X, y), batch_size=8)  # streamed: filtered per batch
+        assert bool(torch.isfinite(SOLVERS[what](m, 0.5, dissimilarity="rel_l2").fit(loader).delta_).all())
+    with pytest.raises(ValueError, match="input gradient is zero for every correctly classified sample|every clean "
+                                         "saliency map is zero"):
+        _fit_or_eval(what, m, (X[zero], y[zero]))

@@ -216,9 +216,9 @@ def test_real_command_one_line_without_debug_traceback_with(files):
 # ------------------------------------------------------------------------------------------ interrupted runs
 def test_interrupted_compute_never_leaves_a_half_written_file(files, tmp_path):
     """``upi-fast compute`` processes SIGKILLed at two points (while solving and checkpointing every
-    step, and once the perturbation is written): every file left behind either loads as valid and complete (the perturbation equals the
-    uninterrupted run's, bit for bit; checkpoints verify) or is rejected; truncated copies of a
-    valid perturbation are rejected."""
+    step, and once the perturbation is written): every file left behind either loads as valid and
+    complete (the perturbation equals the uninterrupted run's, bit for bit; checkpoints verify) or is
+    rejected; truncated copies of a valid perturbation are rejected."""
     import signal
     import time
 
@@ -238,12 +238,15 @@ def test_interrupted_compute_never_leaves_a_half_written_file(files, tmp_path):
     victims = {name: start(str(tmp_path / name), "--checkpoint-every", "1")
                for name in ("while_solving", "after_writing")}
     for name, proc in victims.items():
-        for line in proc.stdout:  # lines: the data summary, then (at the end) the table and "wrote ..."
-            if name == "while_solving" and "images" in line:
-                time.sleep(0.5)  # the solver runs for seconds, writing a checkpoint every step
-                break
-            if name == "after_writing" and line.startswith("method"):
-                break
+        if name == "while_solving":  # killed once its second checkpoint is on disk (of 24 steps)
+            ckdir, t0 = tmp_path / name / "checkpoints", time.time()
+            while not (ckdir.is_dir() and any(int(f.name[5:14]) >= 2 for f in ckdir.glob("ckpt-*.safetensors"))):
+                assert time.time() - t0 < 120 and proc.poll() is None
+                time.sleep(0.005)
+        else:
+            for line in proc.stdout:  # the data summary, then (at the end) the table and "wrote ..."
+                if line.startswith("method"):
+                    break
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=120)
         assert proc.returncode in (-signal.SIGKILL, 0), proc.returncode

@@ -26,7 +26,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import upi_fast.ops as ops
@@ -136,14 +136,18 @@ def test_normalised_maps_scale_invariant_and_sum_to_one(case, layout):
 def _well_conditioned(loss: torch.Tensor, ref: torch.Tensor, kind: str) -> torch.Tensor:
     """Rows whose gradient is determined beyond rounding. Left out: ``l2`` / ``rel_l2`` with
     ``I = ref`` up to rounding (the gradient is the direction of the rounding error: any unit vector
-    is right), and ``rel_l2`` against a zero reference (the loss is the sentinel ``||I|| / 1e-30``,
-    its gradient 1e30 times rounding noise)."""
+    is right)."""
     ok = torch.ones_like(loss, dtype=torch.bool)
     if kind in ("l2", "rel_l2"):
         ok &= loss.double() >= 1e-4
-    if kind == "rel_l2":
-        ok &= (ref != 0).any(1)
     return ok
+
+
+def _in_domain(ref: torch.Tensor, kind: str) -> bool:
+    """``rel_l2`` divides by the reference's norm: a zero reference gives the sentinel loss
+    ``||I|| / 1e-30`` and a gradient that overflows float32. The solvers and the evaluation never
+    pass one (samples whose clean map is zero are left out), so it is outside the op's domain."""
+    return not (kind == "rel_l2" and bool((ref == 0).all(1).any()))
 
 
 @st.composite
@@ -168,6 +172,7 @@ def references(draw, g: torch.Tensor):
 def test_fused_op_matches_float64_reference_and_is_scale_invariant(data, case, layout, kind):
     g, u, e, dtype, special = case
     ref = data.draw(references(g))
+    assume(_in_domain(ref, kind))
     loss, grad = saliency_dissim(_layout(g, layout), ref, kind)
     _finite(loss, grad)
     want_loss, want_grad = saliency_dissim_reference(g.double(), ref.double(), kind, True)
@@ -194,15 +199,14 @@ def test_triton_fused_op_agrees_with_torch(data, case, layout, kind):
     from upi_fast.kernels.saliency_dissim import saliency_dissim_triton
     g, u, e, dtype, special = case
     ref = data.draw(references(g))
+    assume(_in_domain(ref, kind))
     want_loss, want_grad = saliency_dissim_reference(g, ref, kind, True)
     out = (torch.full((g.shape[0],), float("nan"), dtype=dtype), torch.full_like(g, float("nan")))  # poisoned
     loss, grad = saliency_dissim_triton(_layout(g, layout), ref, kind, True, out=out)
     _finite(loss, grad)
-    # rel_l2 against a zero reference is ||I|| / 1e-30: the kernel's 1e-30 is a float32 constant
-    tol_dtype = torch.float32 if kind == "rel_l2" and bool((ref == 0).all(1).any()) else dtype
     ok = _well_conditioned(want_loss, ref, kind)
-    _close(loss, want_loss, tol_dtype, factor=50, floor=1.0)
-    _close(grad[ok], want_grad[ok], tol_dtype, factor=50, floor=_grad_scale(g))
+    _close(loss, want_loss, dtype, factor=50, floor=1.0)
+    _close(grad[ok], want_grad[ok], dtype, factor=50, floor=_grad_scale(g))
 
 
 # ------------------------------------------------------------------------------------------ softplus
@@ -261,6 +265,7 @@ def sketch_inputs(draw, max_d: int = 40, max_b: int = 6):
     dtype = draw(st.sampled_from(DTYPES))
     lo, hi = (-30, 30) if dtype == torch.float64 else (-15, 15)
     A = _unit((b, d), draw(st.integers(0, 2**16)))
+    A = A / A.abs().amax(1, keepdim=True)  # every row's largest magnitude is 1 (then 10^e_i)
     exps = [draw(st.integers(lo, hi)) for _ in range(b)]
     if draw(st.booleans()):
         A[0] = 0.0

@@ -18,7 +18,7 @@ import sys
 import warnings
 from typing import Iterator
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "error_line"]
 
 
 class CLIError(Exception):

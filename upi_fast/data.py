@@ -143,7 +143,8 @@ def _check_mean_std(mean, std, channels: int | None = None) -> tuple[tuple | Non
 
 
 # --------------------------------------------------------------------------------------------- ImageFolder
-def image_folder(root: str | os.PathLike, size: int = 224, mean=None, std=None) -> Dataset:
+def image_folder(root: str | os.PathLike, size: int = 224, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> Dataset:
     """A torchvision ``ImageFolder`` over ``root/<class>/<image>`` files, classes sorted by name.
 
     Each image is read when indexed, converted to RGB, resized so its shorter side is ``size``,
@@ -250,7 +251,7 @@ class CIFAR10Batches(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, train: bool = False, size: int | None = None,
-                 mean=None, std=None) -> None:
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
         root = _existing_dir(root)
         folder = _cifar_dir(root)
         if folder is None:
@@ -348,7 +349,8 @@ class CIFAR10Batches(Dataset):
         return out
 
 
-def cifar10(root: str | os.PathLike, train: bool = False, mean=None, std=None, size: int | None = None) -> Dataset:
+def cifar10(root: str | os.PathLike, train: bool = False, mean: Sequence[float] | None = None,
+            std: Sequence[float] | None = None, size: int | None = None) -> Dataset:
     """CIFAR-10 (python format) under ``root`` or ``root/cifar-10-batches-py``: the test batch
     (10,000 images) by default, the five training batches with ``train=True``. Pickles are read
     with :class:`RestrictedUnpickler`. See :class:`CIFAR10Batches`."""
@@ -377,7 +379,8 @@ def _is_image_folder(root: Path) -> bool:
     return False
 
 
-def open_dataset(path: str | os.PathLike, size: int | None = None, mean=None, std=None) -> Dataset:
+def open_dataset(path: str | os.PathLike, size: int | None = None, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> Dataset:
     """Open a local dataset folder, detecting its kind.
 
     * a CIFAR-10 python folder (``test_batch`` / ``data_batch_*`` in ``path`` or in
@@ -424,7 +427,8 @@ def split_indices(n: int, attack: int, eval: int, seed: int = 0) -> tuple[torch.
     return perm[:attack].sort().values, perm[attack:attack + eval].sort().values
 
 
-def make_loader(dataset: Dataset, indices, batch_size: int, workers: int = 0, shuffle: bool = False,
+def make_loader(dataset: Dataset, indices: Sequence[int] | torch.Tensor, batch_size: int, workers: int = 0,
+                shuffle: bool = False,
                 seed: int = 0) -> DataLoader:
     """A DataLoader over ``Subset(dataset, indices)``, deterministic: the shuffling order (when
     ``shuffle``) and the worker seeds come from a generator seeded with ``seed``. Keeps the last,
@@ -454,7 +458,8 @@ def _check_batch(x, y, where: str) -> None:
     check_labels(f"{where} labels", y, x.shape[0])
 
 
-def as_batches(data, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def as_batches(data: DataLoader | tuple[torch.Tensor, torch.Tensor],
+               batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Iterate over ``(x, y)`` batches of ``data``.
 
     ``data`` is a DataLoader (its own batches, in its order; ``batch_size`` is ignored, each batch

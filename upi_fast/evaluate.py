@@ -1,6 +1,7 @@
 """The evaluation protocol: how much a perturbation changes interpretations, on held-out data.
 
-On the evaluation split, correctly classified samples only, with the real network:
+On the evaluation split, correctly classified samples only (and only those with a nonzero clean
+map: a sample whose input gradient vanishes has no interpretation to change), with the real network:
 ``dissimilarity`` = mean relative L2 ``||I - I'||_2 / ||I||_2``, ``topk_intersection`` (mean),
 ``spearman`` (mean rank correlation), ``center_of_mass_shift`` (mean, pixels) and
 ``fooling_rate`` (fraction of those samples whose predicted label changes under the
@@ -124,7 +125,7 @@ def evaluate(model: ModelLike, delta: torch.Tensor | PerturbationFn,
         delta = delta.to(dev)
     per: dict[str, list] = {m: [] for m in metrics}
     n_total = 0
-    any_signal = False
+    any_correct = False
     with eval_mode(model):
         for x, y in as_batches(data, batch_size):
             x, y = x.to(dev), y.to(dev)
@@ -139,7 +140,12 @@ def evaluate(model: ModelLike, delta: torch.Tensor | PerturbationFn,
             d = delta(x, y) if callable(delta) else delta
             x_adv = x + d.to(x.dtype)
             I, I_adv = sal(x, y), sal(x_adv, y)
-            any_signal = any_signal or bool((I != 0).any())
+            any_correct = True
+            nz = (I != 0).any(1)  # a zero clean map (vanishing input gradient): nothing to compare, left out
+            if not bool(nz.any()):
+                continue
+            if not bool(nz.all()):
+                x, y, x_adv, I, I_adv = x[nz], y[nz], x_adv[nz], I[nz], I_adv[nz]
             for m in metrics:
                 if m == "dissimilarity":
                     per[m].append(M.relative_l2(I_adv, I).double())
@@ -156,11 +162,11 @@ def evaluate(model: ModelLike, delta: torch.Tensor | PerturbationFn,
         raise ValueError("data is empty")
     values = {m: torch.cat(v).cpu() if v else torch.zeros(0, dtype=torch.float64) for m, v in per.items()}
     n = int(next(iter(values.values())).numel()) if values else 0
-    if n == 0:
-        raise ValueError("the model classifies none of the samples in data correctly")
-    if not any_signal:
+    if n == 0 and any_correct:
         raise ValueError("every clean saliency map is zero: the model's output does not depend on its input in a "
                          "differentiable way (rounding, argmax or quantisation inside?)")
+    if n == 0:
+        raise ValueError("the model classifies none of the samples in data correctly")
     out = {m: float(v.mean()) for m, v in values.items()}
     out["n"], out["n_total"] = n, n_total
     if return_per_sample:

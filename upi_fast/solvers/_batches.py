@@ -1,8 +1,9 @@
 """The attack data as resumable, data-parallel global batches of correctly classified samples.
 
 :class:`CleanBatches` turns the attack data into *global batches* and gives this process its share
-of each, filtered (samples the real network misclassifies are dropped) and paired with the clean
-reference maps ``I_ref``:
+of each, filtered (samples the real network misclassifies are dropped, and, where the maps are
+computed, samples whose clean map is identically zero: their input gradient vanishes, there is no
+interpretation to attack) and paired with the clean reference maps ``I_ref``:
 
 * the order of epoch ``e`` is a pure function of ``(seed, e)`` (:func:`upi_fast.data.epoch_order`),
   so a resumed run regenerates it and can start at any batch index without reading what it skips;
@@ -94,13 +95,19 @@ def batch_noise(batch: Batch, shape: tuple, sigma: float, generator: torch.Gener
     return z[batch.slots.to(z.device)]
 
 
-def _check_signal(any_nonzero: bool) -> None:
-    """ValueError when every correctly classified sample's reference map is zero: the model's input
-    gradient vanishes everywhere, and there is no interpretation to attack."""
-    if not any_nonzero:
-        raise ValueError("the model's input gradient is zero for every correctly classified sample in data, so every "
-                         "saliency map is zero: the model's output does not depend on its input in a differentiable "
-                         "way (rounding, argmax or quantisation inside?)")
+def _nothing_to_attack(zero_maps: float) -> ValueError:
+    """The error for an epoch without a usable sample: none correctly classified, or (``zero_maps`` > 0)
+    every correctly classified one has a zero saliency map (its input gradient vanishes)."""
+    if zero_maps > 0:
+        return ValueError("the model's input gradient is zero for every correctly classified sample in data, so every "
+                          "saliency map is zero: the model's output does not depend on its input in a differentiable "
+                          "way (rounding, argmax or quantisation inside?)")
+    return ValueError("the model classifies none of the samples in data correctly")
+
+
+def _nonzero_rows(maps: torch.Tensor) -> torch.Tensor:
+    """(B,) mask of the maps that are not identically zero."""
+    return (maps != 0).any(1)
 
 
 def _as_tensors(data):
@@ -147,8 +154,9 @@ class CleanBatches:
 
     Attributes:
         input_shape: (C, H, W); dtype: the images' dtype; batches_per_epoch (0 when unknown);
-        n_seen / n_correct: samples read / correctly classified in a full epoch, over all ranks
-        (known up front for tensors, after the first full epoch for streams).
+        n_seen / n_correct: samples read / correctly classified (with a nonzero clean map) in a full
+        epoch, over all ranks (known up front for tensors, after the first full epoch for streams);
+        n_zero_maps: correctly classified samples dropped for a zero map (tensors).
     """
 
     def __init__(self, model, data, batch_size: int, spec: SaliencySpec, device: torch.device,
@@ -159,8 +167,8 @@ class CleanBatches:
         self.device, self.shuffle, self.surrogate, self.seed = device, shuffle, surrogate, seed
         self.comm = comm or current()
         self.autocast = autocast or contextlib.nullcontext
-        self.n_seen = self.n_correct = 0
-        self._signal_checked = False
+        self.n_seen = self.n_correct = self.n_zero_maps = 0
+        self._zero_maps = 0
         self.input_shape: tuple | None = None
         self.dtype = torch.float32
         self._epoch_counter = 0
@@ -237,6 +245,10 @@ class CleanBatches:
         I_ref = None
         if maps and x.shape[0]:
             I_ref = self.clean_maps(x, y, self.smoothgrad_generator(epoch, k))
+            nz = _nonzero_rows(I_ref)
+            if not bool(nz.all()):  # no interpretation to attack: dropped like a misclassified sample
+                self._zero_maps += int((~nz).sum())
+                x, y, I_ref, slots = x[nz], y[nz], I_ref[nz], slots[nz.cpu()]
         counts = self.comm.all_gather_ints(x.shape[0])
         return Batch(k, size, x, y, I_ref, slots, counts, self.comm.rank)
 
@@ -245,24 +257,33 @@ class CleanBatches:
         n = X.shape[0]
         lo, hi = shard_bounds(n, self.comm.world, self.comm.rank)
         keeps, maps = [], []
+        zero_maps = 0
         for j, i in enumerate(range(lo, hi, self.batch_size)):
             x = X[i:min(i + self.batch_size, hi)].to(self.device, non_blocking=True)
             y = Y[i:min(i + self.batch_size, hi)].to(self.device, non_blocking=True)
             keep = self._keep(x, y)
-            keeps.append(keep)
             if bool(keep.any()):
-                maps.append(self.clean_maps(x[keep], y[keep], self.smoothgrad_generator(-1, j)))
+                m = self.clean_maps(x[keep], y[keep], self.smoothgrad_generator(-1, j))
+                nz = _nonzero_rows(m)
+                if not bool(nz.all()):  # no interpretation to attack: dropped like a misclassified sample
+                    zero_maps += int((~nz).sum())
+                    keep = keep.clone()
+                    keep[keep.nonzero().flatten()[~nz]] = False
+                    m = m[nz]
+                if m.shape[0]:
+                    maps.append(m)
+            keeps.append(keep)
         keep = torch.cat(keeps) if keeps else torch.zeros(0, dtype=torch.bool, device=self.device)
         M = torch.cat(maps) if maps else None
         if self.comm.active:  # every rank gets the whole cache, in row order
-            parts = self.comm.all_gather_objects((keep.cpu(), None if M is None else M.cpu()))
-            keep = torch.cat([k for k, _ in parts]).to(self.device)
-            ms = [m for _, m in parts if m is not None]
+            parts = self.comm.all_gather_objects((keep.cpu(), None if M is None else M.cpu(), zero_maps))
+            keep = torch.cat([k for k, _, _ in parts]).to(self.device)
+            ms = [m for _, m, _ in parts if m is not None]
             M = torch.cat(ms).to(self.device) if ms else None
-        self.n_seen = n
+            zero_maps = sum(z for _, _, z in parts)
+        self.n_seen, self.n_zero_maps = n, zero_maps
         if M is None:
-            raise ValueError("the model classifies none of the samples in data correctly")
-        _check_signal(bool((M != 0).any()))
+            raise _nothing_to_attack(zero_maps)
         idx = keep.nonzero().flatten().to(X.device)
         self._cache = (X[idx].to(self.device), Y[idx].to(self.device), M)
         self.n_correct = int(idx.numel())
@@ -343,22 +364,18 @@ class CleanBatches:
         reference maps. A full epoch (``start == 0``) updates ``n_seen`` / ``n_correct``."""
         gen = {"cached": self._cached_epoch, "indexed": self._indexed_epoch, "stream": self._stream_epoch}[self.kind]
         seen = correct = 0
-        signal = False
+        self._zero_maps = 0
         for batch in gen(epoch, start, maps):
             seen += batch.size
             correct += batch.n_global
-            if maps and not signal and batch.I_ref is not None and self.kind != "cached":
-                signal = bool((batch.I_ref != 0).any())
             yield batch
         if start == 0 and self.kind != "cached":
-            self.n_seen, self.n_correct = seen, correct
             if seen == 0:
                 raise ValueError("data is empty")
-            if correct == 0:
-                raise ValueError("the model classifies none of the samples in data correctly")
-            if maps and not self._signal_checked:
-                self._signal_checked = True
-                _check_signal(self.comm.sum_floats(float(signal))[0] > 0)
+            if correct == 0:  # the same on every rank: the collective below lines up
+                raise _nothing_to_attack(self.comm.sum_floats(self._zero_maps)[0] if maps else 0)
+            if maps or not self.n_correct:  # epochs without maps keep the samples whose maps are zero
+                self.n_seen, self.n_correct = seen, correct
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The next epoch's non-empty local batches as ``(x, y, I_ref)`` (epochs counted per call)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from typing import Callable, ContextManager, Iterator
+from typing import Callable, ContextManager, Iterable, Iterator, Union
 
 import torch
 from torch import nn
@@ -22,6 +22,12 @@ __all__ = ["resolve_device", "surrogate_context", "default_noise_std", "make_spe
            "check_flag"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+#: Attack data: tensors ``(X, y)`` (X (N, C, H, W) in model units, y (N,) int64 class indices), a
+#: DataLoader yielding such pairs, or any iterable of them.
+DataLike = Union[tuple[torch.Tensor, torch.Tensor], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+#: The attacked network: None (the real one), ``"softplus"`` (ReLU -> softplus, beta 10) or a beta.
+SurrogateLike = Union[str, float, None]
 
 
 def resolve_device(device, model) -> torch.device:
@@ -168,4 +174,4 @@ def autograd_errors(hvp: str) -> Iterator[None]:
                          "hvp='finite_difference')") from exc
 
 
-__all__ += ["check_hvp", "eval_mode"]
+__all__ += ["check_hvp", "eval_mode", "DataLike", "SurrogateLike"]

@@ -8,13 +8,14 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .._checks import check_choice, check_images, check_labels, check_model, check_positive, eval_mode
+from .._checks import (DeviceLike, ModelLike, NormLike, check_choice, check_images, check_labels, check_model,
+                       check_positive, eval_mode)
 from ..dissimilarity import dissimilarity as dissimilarity_fn
 from ..hvp import HVP_MODES, _loss_grad
 from ..projection import parse_norm, project, random_in_ball, steepest_step
 from ..saliency import postprocess_maps, raw_gradient
 from ._batches import CleanBatches
-from ._common import check_common, make_spec, resolve_device, surrogate_context
+from ._common import DataLike, SurrogateLike, check_common, make_spec, resolve_device, surrogate_context
 
 __all__ = ["universal_random", "per_sample_random", "classification_uap", "per_image_attack"]
 
@@ -28,7 +29,7 @@ def _uniform_scaled(shape: tuple, eps: float, norm: float, generator: torch.Gene
     return (flat * (eps / n.clamp_min(1e-30))).reshape(shape)
 
 
-def universal_random(shape: tuple, eps: float, norm=2, seed: int = 0) -> torch.Tensor:
+def universal_random(shape: tuple, eps: float, norm: NormLike = 2, seed: int = 0) -> torch.Tensor:
     """One random perturbation (C, H, W): uniform in [-1, 1]^d rescaled to norm ``eps``."""
     check_positive("eps", eps)
     p = parse_norm(norm)
@@ -37,7 +38,8 @@ def universal_random(shape: tuple, eps: float, norm=2, seed: int = 0) -> torch.T
     return _uniform_scaled(tuple(int(s) for s in shape), float(eps), p, torch.Generator().manual_seed(seed))
 
 
-def per_sample_random(eps: float, norm=2, seed: int = 0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def per_sample_random(eps: float, norm: NormLike = 2,
+                      seed: int = 0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A perturbation *function* for :func:`upi_fast.evaluate`: a fresh uniform draw of norm
     ``eps`` for every sample, ``fn(x, y) -> (B, C, H, W)``."""
     check_positive("eps", eps)
@@ -51,9 +53,10 @@ def per_sample_random(eps: float, norm=2, seed: int = 0) -> Callable[[torch.Tens
     return fn
 
 
-def classification_uap(model, data, eps: float, norm=2, epochs: int = 5, batch_size: int = 128,
-                       lr: float | None = None, clamp: float = 10.0, seed: int = 0, device=None,
-                       progress: bool = False) -> torch.Tensor:
+def classification_uap(model: ModelLike, data: DataLike, eps: float, norm: NormLike = 2, epochs: int = 5,
+                       batch_size: int = 128,
+                       lr: float | None = None, clamp: float = 10.0, seed: int = 0,
+                       device: DeviceLike | None = None, progress: bool = False) -> torch.Tensor:
     """A universal perturbation against the *label* (Shafahi et al. 2020): stochastic ascent on the
     clamped cross-entropy ``mean_i min(CE(f(x_i + delta), y_i), clamp)`` with steepest-ascent steps
     for the norm (``lr`` default 0.1 eps) and projection. Returns (C, H, W) float32 on the CPU."""
@@ -79,10 +82,11 @@ def classification_uap(model, data, eps: float, norm=2, epochs: int = 5, batch_s
     return delta.float().cpu()
 
 
-def per_image_attack(model, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 40, norm=2,
+def per_image_attack(model: ModelLike, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 40,
+                     norm: NormLike = 2,
                      lr: float | None = None, saliency: str = "simple", target_kind: str = "prob",
                      dissimilarity: str = "l2", hvp: str = "double_backward", noise_std: float = 0.0,
-                     surrogate=None, seed: int = 0, saliency_kwargs: dict | None = None,
+                     surrogate: SurrogateLike = None, seed: int = 0, saliency_kwargs: dict | None = None,
                      batch_size: int = 256, progress: bool = False) -> torch.Tensor:
     """The per-image interpretation attack (PGD on each sample's own dissimilarity): the upper
     bound a universal perturbation is compared with.

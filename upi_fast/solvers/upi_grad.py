@@ -7,19 +7,21 @@ gradient is a batch of Hessian-vector products (:func:`upi_fast.saliency_loss_gr
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-from .._checks import check_choice, check_model, check_positive, eval_mode
+from .._checks import DeviceLike, ModelLike, NormLike, check_choice, check_model, check_positive, eval_mode
 from ..checkpoint import generator_state, set_generator_state
 from ..distributed import current
 from ..hvp import _loss_grad
 from ..projection import project, random_in_ball, steepest_step
 from ._batches import CleanBatches, batch_noise
-from ._common import (autocast_factory, autograd_errors, check_common, check_flag, check_hvp, check_precision,
-                      default_noise_std, make_spec, resolve_device, spec_fields, surrogate_context)
+from ._common import (DataLike, SurrogateLike, autocast_factory, autograd_errors, check_common, check_flag,
+                      check_hvp, check_precision, default_noise_std, make_spec, resolve_device, spec_fields,
+                      surrogate_context)
 from ._microbatch import MicroBatcher
 from ._state import RunCheckpoints, check_checkpoint_args
 
@@ -86,13 +88,14 @@ class UPIGrad:
         micro_batch_: the micro-batch size ``oom_retry`` settled on (None: batches were never split).
     """
 
-    def __init__(self, model, eps: float, norm=2, saliency: str = "simple", target_kind: str = "prob",
-                 dissimilarity: str = "l2", epochs: int = 10, batch_size: int = 128, lr: float | None = None,
-                 optimizer: str = "normalized", noise_std: float | None = None, hvp: str = "double_backward",
-                 surrogate=None, preserve_labels: float = 0.0, seed: int = 0, device=None, progress: bool = True,
+    def __init__(self, model: ModelLike, eps: float, norm: NormLike = 2, saliency: str = "simple",
+                 target_kind: str = "prob", dissimilarity: str = "l2", epochs: int = 10, batch_size: int = 128,
+                 lr: float | None = None, optimizer: str = "normalized", noise_std: float | None = None,
+                 hvp: str = "double_backward", surrogate: SurrogateLike = None, preserve_labels: float = 0.0,
+                 seed: int = 0, device: DeviceLike | None = None, progress: bool = True,
                  saliency_kwargs: dict | None = None, fd_step: float = 1e-2, lr_schedule: str = "cosine",
-                 checkpoint_dir=None, checkpoint_every: int | None = None, precision: str = "fp32",
-                 oom_retry: bool = False) -> None:
+                 checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
+                 precision: str = "fp32", oom_retry: bool = False) -> None:
         check_model(model)
         self.oom_retry = check_flag("oom_retry", oom_retry)
         self.norm = check_common(eps, norm, batch_size, seed)
@@ -126,7 +129,7 @@ class UPIGrad:
         lo = lr / 25.0
         return lo + (lr - lo) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
-    def fit(self, data, resume: bool = False) -> "UPIGrad":
+    def fit(self, data: DataLike, resume: bool = False) -> "UPIGrad":
         """Compute the perturbation on ``data``: a DataLoader of ``(x, y)`` or a tuple ``(X, y)``.
 
         Only samples the clean model classifies correctly are used. With ``resume=True`` the run

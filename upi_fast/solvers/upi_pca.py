@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-from .._checks import check_choice, check_model, check_positive, eval_mode
+from .._checks import DeviceLike, ModelLike, NormLike, check_choice, check_model, check_positive, eval_mode
 from ..checkpoint import generator_state, set_generator_state
 from ..dissimilarity import dissimilarity as dissimilarity_fn
 from ..distributed import current
@@ -28,8 +29,9 @@ from ..hvp import _loss_grad
 from ..saliency import postprocess_maps, raw_gradient
 from ._accumulators import SOLVERS, make_accumulator, pca_plus_direction, resolve_solver
 from ._batches import CleanBatches, batch_noise
-from ._common import (autocast_factory, autograd_errors, check_common, check_flag, check_hvp, check_precision,
-                      default_noise_std, make_spec, resolve_device, spec_fields, surrogate_context)
+from ._common import (DataLike, SurrogateLike, autocast_factory, autograd_errors, check_common, check_flag,
+                      check_hvp, check_precision, default_noise_std, make_spec, resolve_device, spec_fields,
+                      surrogate_context)
 from ._microbatch import MicroBatcher
 from ._state import RunCheckpoints, check_checkpoint_args
 
@@ -83,13 +85,14 @@ class UPIPCA:
         micro_batch_: the micro-batch size ``oom_retry`` settled on (None: batches were never split).
     """
 
-    def __init__(self, model, eps: float, norm=2, saliency: str = "simple", target_kind: str = "prob",
-                 dissimilarity: str = "l2", noise_std: float | None = None, normalize_rows: bool = True,
-                 solver: str = "auto", plus_lambda: float | None = None, rounds: int = 1, batch_size: int = 128,
-                 seed: int = 0, device=None, progress: bool = True, hvp: str = "double_backward", surrogate=None,
-                 saliency_kwargs: dict | None = None, fd_step: float = 1e-2, n_components: int = 1,
-                 memory_budget: int = 2 * 2**30, spill_dir: str | None = None,
-                 sketch_kwargs: dict | None = None, checkpoint_dir=None, checkpoint_every: int | None = None,
+    def __init__(self, model: ModelLike, eps: float, norm: NormLike = 2, saliency: str = "simple",
+                 target_kind: str = "prob", dissimilarity: str = "l2", noise_std: float | None = None,
+                 normalize_rows: bool = True, solver: str = "auto", plus_lambda: float | None = None, rounds: int = 1,
+                 batch_size: int = 128, seed: int = 0, device: DeviceLike | None = None, progress: bool = True,
+                 hvp: str = "double_backward", surrogate: SurrogateLike = None, saliency_kwargs: dict | None = None,
+                 fd_step: float = 1e-2, n_components: int = 1, memory_budget: int = 2 * 2**30,
+                 spill_dir: str | None = None, sketch_kwargs: dict | None = None,
+                 checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
                  precision: str = "fp32", oom_retry: bool = False) -> None:
         check_model(model)
         self.oom_retry = check_flag("oom_retry", oom_retry)
@@ -116,7 +119,8 @@ class UPIPCA:
         self.saliency, self.target_kind, self.dissimilarity = saliency, target_kind, dissimilarity
 
     # -- the pieces -------------------------------------------------------------------------------
-    def directions(self, x, y, I_ref, delta_prev, sigma, gen) -> torch.Tensor:
+    def directions(self, x: torch.Tensor, y: torch.Tensor, I_ref: torch.Tensor, delta_prev: torch.Tensor,
+                   sigma: float, gen: torch.Generator | None) -> torch.Tensor:
         """Per-sample attack directions (B, d): ``grad_{x'} D(I(x_i), I(x'))`` at ``x' = x + z + delta_prev``
         (``z`` drawn from ``gen`` with std ``sigma``)."""
         z = None if sigma == 0 else sigma * torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
@@ -133,7 +137,7 @@ class UPIPCA:
 
         return _joined(self._micro.run(part, x_eval.shape[0], "the attack directions", generators=(sg_gen,)))
 
-    def label_directions(self, x, y) -> torch.Tensor:
+    def label_directions(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Rows of V for PCA+: ``grad_x p_y(x_i)`` (B, d) of the real network."""
         def part(lo: int, hi: int) -> torch.Tensor:
             with self._autocast():
@@ -160,22 +164,28 @@ class UPIPCA:
                                  s.multiply_by_input)
                 return postprocess_maps(g, s.postprocess)
 
-        def part(x, y) -> tuple[float, float]:
+        def part(x, y) -> tuple[float, float, int]:
             ref = maps(x, y)
+            nz = (ref != 0).any(1)  # samples without an interpretation are left out, as in the attack
+            if not bool(nz.any()):
+                return 0.0, 0.0, 0
+            if not bool(nz.all()):
+                x, y, ref = x[nz], y[nz], ref[nz]
             vals = []
             for sign in (1, -1):
                 adv = maps(x + sign * cand.to(x.dtype), y)
                 vals.append(float(dissimilarity_fn(adv.to(x.dtype), ref.to(x.dtype), s.dissimilarity, k=s.k).sum()))
-            return vals[0], vals[1]
+            return vals[0], vals[1], int(x.shape[0])
 
         for batch in stream.epoch(0, maps=False):
             if not batch.n:
                 continue
             x, y = batch.x, batch.y
-            for _, _, (p, m) in self._micro.run(lambda lo, hi: part(x[lo:hi], y[lo:hi]), batch.n, "the sign scores"):
+            for _, _, (p, m, c) in self._micro.run(lambda lo, hi: part(x[lo:hi], y[lo:hi]), batch.n,
+                                                   "the sign scores"):
                 tot_p += p
                 tot_m += m
-            n += batch.n
+                n += c
         tot_p, tot_m, n = stream.comm.sum_floats(tot_p, tot_m, n)
         return tot_p / max(n, 1), tot_m / max(n, 1)
 
@@ -230,7 +240,7 @@ class UPIPCA:
         return S, Vh, v
 
     # -- fit ---------------------------------------------------------------------------------------
-    def fit(self, data, resume: bool = False) -> "UPIPCA":
+    def fit(self, data: DataLike, resume: bool = False) -> "UPIPCA":
         """Compute the perturbation from ``data`` (a DataLoader of ``(x, y)`` or a tuple ``(X, y)``).
 
         ``data`` is read only here; the sign is chosen on it too (never on evaluation data). With
