@@ -67,7 +67,7 @@ def summary_rows(suite: str, result: dict) -> list[dict]:
     if suite in ("upi_grad", "upi_pca"):
         for model, entry in result.get("models", {}).items():
             ref = result.get("reference", "")
-            for r in entry["rows"]:
+            for r in entry.get("rows", []):
                 add(model, r, "speedup_vs_reference", ref)
     elif suite == "hvp":
         for model, entry in result.get("models", {}).items():

@@ -104,12 +104,10 @@ def train_mode_model() -> nn.Module:
     return m.train()
 
 
-def make_image_folder(root, classes: int = 3, per_class: int = 6, size: int = 8, seed: int = 0,
-                      wrong: int = 0) -> str:
-    """``root/c<k>/<i>.png``: ``classes`` folders of ``per_class`` random RGB ``size`` x ``size`` PNGs,
-    each filed under the class :func:`make_model` predicts for it (so every image is classified
-    correctly), except that ``wrong`` images per class are filed under the next class. With
-    ``classes`` > 3 the extra folders hold images of labels the model does not have."""
+def make_image_folder(root, classes: int = 3, per_class: int = 6, size: int = 8, seed: int = 0) -> str:
+    """``root/c<k>/<k>_<i>.png``: ``classes`` folders of ``per_class`` random RGB ``size`` x ``size``
+    PNGs, each filed under the class :func:`make_model` predicts for it (so every image is classified
+    correctly). With ``classes`` > 3 the extra folders hold images of labels the model does not have."""
     from PIL import Image
     rng = np.random.default_rng(seed)
     model = make_model(size=size)
@@ -130,7 +128,5 @@ def make_image_folder(root, classes: int = 3, per_class: int = 6, size: int = 8,
         d = os.path.join(os.fspath(root), f"c{k}")
         os.makedirs(d, exist_ok=True)
         for i, img in enumerate(got[k]):
-            label = (k + 1) % classes if i < wrong else k
-            d_i = os.path.join(os.fspath(root), f"c{label}")
-            Image.fromarray(img).save(os.path.join(d_i, f"{k}_{i}.png"))
+            Image.fromarray(img).save(os.path.join(d, f"{k}_{i}.png"))
     return os.fspath(root)

@@ -178,6 +178,13 @@ def test_fast_step_non_lean_specs_use_the_reference_code():
                                    multiply_by_input=spec.multiply_by_input)[1]
         got = FastStep(m, spec, hvp="piecewise_linear")(x, y, I_ref, delta)[1]
         assert _rel(got, ref) < 1e-5
+    # smoothgrad: the draws come from the caller's generator, as the solvers pass it
+    I_ref = U.saliency(m, x, y)
+    ref = U.saliency_loss_grad(m, x, y, I_ref, delta, hvp="piecewise_linear", method="smoothgrad",
+                               smoothgrad_std=0.1, n_samples=2, generator=torch.Generator().manual_seed(5))[1]
+    step = FastStep(m, SaliencySpec(method="smoothgrad", smoothgrad_std=0.1, n_samples=2), hvp="piecewise_linear")
+    got = step(x, y, I_ref, delta, generator=torch.Generator().manual_seed(5))[1]
+    assert _rel(got, ref) < 1e-5
 
 
 def test_compiled_first_order_step_equals_uncompiled():

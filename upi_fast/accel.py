@@ -530,10 +530,11 @@ class FastStep:
         return out[0].clone(), out[1].clone()
 
     # -- the call ----------------------------------------------------------------------------------
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, I_ref: torch.Tensor, delta: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, I_ref: torch.Tensor, delta: torch.Tensor,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss (B,), grad)`` for clean (already noised) images ``x`` (B, C, H, W), labels ``y`` (B,),
-        reference maps ``I_ref`` (B, H*W) and ``delta`` (C, H, W) or (B, C, H, W)."""
+        reference maps ``I_ref`` (B, H*W) and ``delta`` (C, H, W) or (B, C, H, W). ``generator``: the
+        smoothgrad draws' random generator (``method="smoothgrad"`` only)."""
         B = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else 0
         if self.validate:
             check_images("x", x)
@@ -548,7 +549,7 @@ class FastStep:
         if not self._lean:
             with self._autocast():
                 loss, grad = _loss_grad(self.model_, self._layout(x), y, I_ref, self._layout(delta), self.spec,
-                                        self.hvp_, 0.0, None, self.fd_step)
+                                        self.hvp_, 0.0, generator, self.fd_step)
             out = loss, grad
         else:
             self._setup_compile()

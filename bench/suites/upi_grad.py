@@ -309,17 +309,32 @@ def _matmul_rate(device: str, n: int = 8192) -> float:
 
 
 def _step_flops(best, x, y, I_ref, delta) -> float:
-    """Floating-point operations of one eager call of the best step (CUDA graphs replay the same work)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Floating-point operations of one eager call of the best step (CUDA graphs replay the same work),
+    counted with ``torch.utils.flop_counter``'s per-op formulas (matrix products and convolutions,
+    forward and backward). ``FlopCounterMode`` itself is not used: its module tracker breaks
+    ``torch.autograd.grad`` on a leaf input."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class _Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                self.total += formula(*args, **kwargs, out_val=out)
+            return out
 
     saved = best.cuda_graph
     best.cuda_graph = False
     try:
-        with FlopCounterMode(display=False) as counter:
+        with _Count() as counter:
             best(x, y, I_ref, delta)
     finally:
         best.cuda_graph = saved
-    return float(counter.get_total_flops())
+    return float(counter.total)
 
 
 def _profile(fn: Callable, device: str) -> str:
@@ -422,8 +437,17 @@ def run(quick: bool = False, device: str = "cpu", smoke: bool = False) -> dict:
     chart = {"title": f"UPI-Grad step, images/s relative to {REFERENCE} ({device})", "labels": [], "values": []}
     best_opts = {}
     cfgs = configs(quick, device, smoke)
-    for i, cfg in enumerate(cfgs):
-        problem, cont, best, ms, cos = _time_model(cfg, device, quick, smoke, rounds, repeat)
+    profile_model = "resnet50" if device == "cuda" else cfgs[-1]["model"]
+    for cfg in cfgs:
+        try:
+            problem, cont, best, ms, cos = _time_model(cfg, device, quick, smoke, rounds, repeat)
+        except (RuntimeError, ValueError) as exc:  # e.g. CUDA out of memory on one model: keep the others
+            if device != "cuda":
+                raise
+            result["models"][cfg["model"]] = {"config": cfg, "rows": [], "error": f"{type(exc).__name__}: {exc}"}
+            print(f"{cfg['model']}: FAILED ({type(exc).__name__}: {str(exc).splitlines()[0]})", flush=True)
+            torch.cuda.empty_cache()
+            continue
         if device == "cpu":
             for m in ms:
                 m.peak_mem_mb = memory.get(cfg["model"], {}).get(m.name)
@@ -457,11 +481,11 @@ def run(quick: bool = False, device: str = "cpu", smoke: bool = False) -> dict:
                   f"GFLOP/image, {achieved / 1e12:.1f} TFLOP/s = {achieved / rate:.1%} of the matmul rate; "
                   f"50k-image epoch: best {50_000 / best_row['items_per_s']:.0f} s, reference "
                   f"{50_000 / entry['headline']['reference_items_per_s']:.0f} s", flush=True)
-        if i == len(cfgs) - 1:  # profile the best step on the largest model
+        if cfg["model"] == profile_model:  # profile the best step on the target model
             result["artifacts"][f"upi_grad_profile_{cfg['model'].replace(' ', '_')}.txt"] = (
                 f"torch.profiler, best path ({cont[BEST].info}), {cfg['model']} batch {cfg['batch']}, {device}\n\n"
                 + _profile(cont[BEST].fn, device))
-        if i == len(cfgs) - 1 and not quick:
+        if cfg["model"] == profile_model and not quick:
             result["artifacts"][f"upi_grad_profile_{cfg['model'].replace(' ', '_')}_reference.txt"] = (
                 f"torch.profiler, {REFERENCE}, {cfg['model']} batch {cfg['batch']}, {device}\n\n"
                 + _profile(cont[REFERENCE].fn, device))
