@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suites", nargs="*", help="hvp upi_grad upi_pca ops svd (default: all)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("info", help="versions, CUDA devices and the available op backends")
+    p.add_argument("--json", action="store_true", help="print the information as JSON")
     return parser
 
 
@@ -241,8 +244,12 @@ def _run(args) -> int:
             raise CLIError(f"the benchmark suite is not installed ({exc})") from None
         argv = list(args.suites) + (["--quick"] if args.quick else []) + ["--device", args.device]
         return bench_main(argv)
+    elif args.command == "info":
+        import json
+        from .info import format_info, info
+        print(json.dumps(info(), indent=2, default=str) if args.json else format_info())
     else:
-        raise CLIError("a subcommand is required: demo, compute, evaluate, show or bench (see upi-fast --help)")
+        raise CLIError("a subcommand is required: demo, compute, evaluate, show, bench or info (see upi-fast --help)")
     return 0
 
 
