@@ -7,7 +7,11 @@ on before the first kernel import). On a GPU machine the kernels run compiled on
 """
 import os
 
-import torch
+# OpenMP threads spin while waiting by default; on a shared 2-core machine that makes torch 10-100x
+# slower whenever another process runs (see upi_fast/__init__.py). Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
