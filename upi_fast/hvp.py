@@ -34,18 +34,19 @@ from typing import Callable
 
 import torch
 
-from ._checks import check_choice, check_delta, check_images, check_labels, check_maps, check_model, \
+from ._checks import ModelLike, check_choice, check_delta, check_images, check_labels, check_maps, check_model, \
     check_positive, eval_mode
 from .dissimilarity import KINDS as DISSIMILARITIES
 from .dissimilarity import dissimilarity as dissimilarity_fn
 from .ops.saliency_dissim import KINDS as FUSED_KINDS
 from .ops.saliency_dissim import fused_saliency_loss, saliency_dissim
 from .piecewise import piecewise_loss_and_direction, resolve_hvp
-from .saliency import _baseline_like, averaged_gradient, check_saliency_args, path_coefficients, \
+from .saliency import Baseline, _baseline_like, averaged_gradient, check_saliency_args, path_coefficients, \
     postprocess_maps, smoothgrad_noise, target_scores
 
 __all__ = ["saliency_loss_grad", "HVP_MODES", "loss_and_direction", "SaliencySpec"]
 
+#: Names accepted by ``hvp=``: how the gradient through the saliency map is obtained (see the module docstring).
 HVP_MODES = ("double_backward", "forward", "finite_difference", "finite_difference_onesided",
              "piecewise_linear", "auto")
 
@@ -154,12 +155,12 @@ def loss_and_direction(model, xp: torch.Tensor, target: torch.Tensor, I_ref: tor
     return loss, Hw
 
 
-def saliency_loss_grad(model, x: torch.Tensor, target: torch.Tensor, I_ref: torch.Tensor, delta: torch.Tensor,
+def saliency_loss_grad(model: ModelLike, x: torch.Tensor, target: torch.Tensor, I_ref: torch.Tensor, delta: torch.Tensor,
                        dissimilarity: str = "l2", hvp: str = "double_backward", noise_std: float = 0.0, *,
                        generator: torch.Generator | None = None, fd_step: float = 1e-2, method: str = "simple",
-                       target_kind: str = "prob", postprocess: str = "abs_sum_l1", steps: int = 10, baseline=None,
-                       multiply_by_input: bool = False, smoothgrad_std: float = 0.0, n_samples: int = 1,
-                       k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       target_kind: str = "prob", postprocess: str = "abs_sum_l1", steps: int = 10,
+                       baseline: Baseline = None, multiply_by_input: bool = False, smoothgrad_std: float = 0.0,
+                       n_samples: int = 1, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample dissimilarities and the gradient of their mean with respect to ``delta``.
 
     Args:
