@@ -282,3 +282,72 @@ def test_cuda_graph_step_matches_eager(mode):
         got = step(x, y, I_ref, delta)
     assert step.cuda_graph, step.notes_
     assert _rel(got[1], eager[1]) < 1e-4
+
+
+# -- the solver's fast option ------------------------------------------------------------------------
+
+def _solver_data(model, n=24, shape=(3, 15, 11), dtype=torch.float64):
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(n, *shape, generator=g).to(dtype)
+    with torch.no_grad():
+        y = model(X).argmax(1)  # every sample correctly classified: all of them are attacked
+    return X, y
+
+
+@pytest.mark.parametrize("fast", [True, {"channels_last": True, "stem_space_to_depth": True}])
+def test_upigrad_fast_follows_the_reference_trajectory(fast):
+    """float64 model: the prepared step's gradient equals the reference's to ~1e-12, so the whole
+    projected ascent (random start, noise, 3 epochs of normalised steps) ends at the same delta."""
+    model = _bn_cnn(torch.float64)
+    state = copy.deepcopy(model.state_dict())
+    X, y = _solver_data(model)
+    kw = dict(eps=0.5, epochs=3, batch_size=8, progress=False, seed=4)
+    ref = U.UPIGrad(model, **kw).fit((X, y))
+    fast_run = U.UPIGrad(model, fast=fast, **kw).fit((X, y))
+    assert ref.step_ is None and fast_run.step_ is not None
+    assert fast_run.step_.hvp_ == "piecewise_linear"  # "double_backward" was upgraded to the exact "auto"
+    assert _rel(fast_run.delta_, ref.delta_) < 1e-5
+    assert fast_run.history_ == pytest.approx(ref.history_, rel=1e-6)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # caller's model untouched
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_upigrad_fast_keeps_the_surrogate_and_explicit_modes():
+    model = _bn_cnn(torch.float64)
+    X, y = _solver_data(model)
+    kw = dict(eps=0.5, epochs=1, batch_size=8, progress=False, surrogate="softplus", target_kind="logit")
+    ref = U.UPIGrad(model, **kw).fit((X, y))
+    fast_run = U.UPIGrad(model, fast=True, **kw).fit((X, y))
+    assert fast_run.step_.hvp_ == "double_backward"  # softplus is not piecewise linear: auto keeps double backward
+    assert _rel(fast_run.delta_, ref.delta_) < 1e-5
+    fd = U.UPIGrad(model, fast=True, hvp="finite_difference_onesided", eps=0.5, epochs=1, batch_size=8,
+                   progress=False).fit((X, y))
+    assert fd.step_.hvp_ == "finite_difference_onesided"
+    assert not any(isinstance(m, nn.Softplus) for m in model.modules())
+
+
+def test_upigrad_fast_autotune_records_its_choice():
+    model = _bn_cnn(torch.float32)
+    X, y = _solver_data(model, dtype=torch.float32)
+    run = U.UPIGrad(model, eps=0.5, epochs=1, batch_size=8, progress=False, fast="autotune").fit((X, y))
+    assert len(run.step_.tuning_) >= 2 and run.step_.tuning_choice_ in [r["options"] for r in run.step_.tuning_]
+    assert torch.isfinite(run.delta_).all() and float(run.delta_.norm()) <= 0.5 * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("fast, match", [("yes", "fast must be"), ({"hvp": "auto"}, "UPIGrad\\(hvp"),
+                                         ({"precision": "bf16"}, "UPIGrad\\(precision"),
+                                         ({"chanels_last": True}, "unknown FastStep option 'chanels_last'")])
+def test_upigrad_fast_bad_values_name_the_argument(fast, match):
+    with pytest.raises(ValueError, match=match):
+        U.UPIGrad(_bn_cnn(), 0.5, fast=fast)
+    with pytest.raises(TypeError, match="fast=True needs the model as a torch.nn.Module"):
+        U.UPIGrad(lambda x: x.flatten(1), 0.5, fast=True)
+
+
+def test_upigrad_fast_with_a_logit_target_stays_exact():
+    """auto would pick finite differences for a ReLU net with a logit target: fast keeps double backward."""
+    model = _bn_cnn(torch.float64)
+    X, y = _solver_data(model)
+    run = U.UPIGrad(model, eps=0.5, epochs=1, batch_size=8, progress=False, target_kind="logit",
+                    fast=True).fit((X, y))
+    assert run.step_.hvp_ == "double_backward"

@@ -112,6 +112,8 @@ CASES = {
     "unknown hvp": (lambda f: _compute(f, "--hvp", "magic"), "--hvp"),
     "piecewise hvp on a smooth model": (lambda f: _compute(f, "--hvp", "piecewise_linear"), "--hvp"),
     "fp16 on the cpu": (lambda f: _compute(f, "--precision", "fp16"), "--precision"),
+    "fast for pca": (lambda f: _compute(f, "--fast", "on", "--method", "pca"), "--fast"),
+    "fast unknown": (lambda f: _compute(f, "--fast", "yes"), "--fast"),
     # data
     "data missing": (lambda f: _compute(f, "--data", str(f["root"] / "nope")), "--data"),
     "data empty": (lambda f: _compute(f, "--data", str(f["root"] / "empty")), "--data"),
@@ -275,3 +277,12 @@ def test_interrupted_compute_never_leaves_a_half_written_file(files, tmp_path):
         (tmp_path / "cut.safetensors").write_bytes(raw[:cut])
         with pytest.raises(ValueError, match="not a valid perturbation file"):
             load_perturbation(tmp_path / "cut.safetensors")
+
+
+def test_compute_fast_writes_the_same_kind_of_result(files, capsys):
+    """``--fast on`` runs UPI-Grad through the prepared step and records it in the file's metadata."""
+    from upi_fast.io import load_perturbation
+    assert main(_compute(files, "--fast", "on")) == 0
+    delta, meta = load_perturbation(str(files["root"] / "out" / "upi.safetensors"))
+    assert meta["fast"] == "on" and meta["method"] == "UPI-Grad"
+    assert torch.isfinite(delta).all() and 0 < float(delta.norm()) <= 0.5 * (1 + 1e-5)

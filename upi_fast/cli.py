@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oom-retry", action="store_true",
                    help="when a batch does not fit the device's memory, split it into micro-batches of half the size "
                         "(repeatedly; gradients summed, results unchanged) instead of stopping")
+    p.add_argument("--fast", choices=("off", "on", "autotune"), default="off",
+                   help="--method grad: the prepared step of upi_fast.accel (BatchNorm folded, exact piecewise-linear "
+                        "HVP where it applies; autotune: also the fastest layout, timed on the first batch)")
 
     p = sub.add_parser("evaluate", help="evaluate a saved perturbation (e.g. transfer to another model)")
     p.add_argument("perturbation", type=_existing_path("perturbation"))
@@ -223,7 +226,7 @@ def _run(args) -> int:
                             device=args.device, seed=args.seed, workers=args.workers,
                             progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
                             checkpoint_every=args.checkpoint_every, resume=args.resume, precision=args.precision,
-                            oom_retry=args.oom_retry)
+                            oom_retry=args.oom_retry, fast=args.fast)
         compute(cfg)
     elif args.command == "evaluate":
         from .pipeline import evaluate_file

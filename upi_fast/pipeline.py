@@ -123,6 +123,10 @@ def _check_config(cfg: "ComputeConfig") -> "ComputeConfig":
     with _blame("--workers", ()):
         if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 0:
             raise ValueError(f"workers must be an integer >= 0, got {cfg.workers!r}")
+    with _blame("--fast", ()):
+        check_choice("fast", cfg.fast, ("off", "on", "autotune"))
+        if cfg.fast != "off" and cfg.method != "grad":
+            raise ValueError(f"fast={cfg.fast!r} applies to method 'grad' (UPI-Grad), got method {cfg.method!r}")
     with _blame("--oom-retry", ()):
         if not isinstance(cfg.oom_retry, bool):
             raise TypeError(f"oom_retry must be True or False, got {cfg.oom_retry!r}")
@@ -142,7 +146,8 @@ class ComputeConfig:
     """Everything ``upi-fast compute`` needs (validated by the CLI, and again by :func:`compute`).
 
     ``oom_retry``: split batches that do not fit the device's memory into micro-batches instead of
-    stopping (``--oom-retry``; see :class:`upi_fast.solvers.UPIGrad`)."""
+    stopping (``--oom-retry``; see :class:`upi_fast.solvers.UPIGrad`). ``fast``: ``"off"``, ``"on"``
+    or ``"autotune"``, UPI-Grad's ``fast`` option (``--fast``)."""
     data: str
     model: str
     out: str
@@ -173,6 +178,7 @@ class ComputeConfig:
     resume: bool = False
     precision: str = "fp32"
     oom_retry: bool = False
+    fast: str = "off"
 
 
 def _load(cfg) -> tuple:
@@ -268,7 +274,8 @@ def _compute(cfg: ComputeConfig, comm: Comm, log) -> dict:
                   oom_retry=cfg.oom_retry)
     with _blame("--model", data=cfg.data):
         if cfg.method == "grad":
-            solver = UPIGrad(model, eps, epochs=cfg.epochs, **common)
+            fast = {"off": False, "on": True, "autotune": "autotune"}[cfg.fast]
+            solver = UPIGrad(model, eps, epochs=cfg.epochs, fast=fast, **common)
         else:
             solver = UPIPCA(model, eps, solver=cfg.solver,
                             plus_lambda=cfg.plus_lambda if cfg.method == "pca+" else None, **common)
@@ -278,7 +285,8 @@ def _compute(cfg: ComputeConfig, comm: Comm, log) -> dict:
             "units": "pixels [0, 1]", "mean": list(cfg.mean) if cfg.mean else None,
             "std": list(cfg.std) if cfg.std else None, "saliency": cfg.saliency, "target_kind": cfg.target_kind,
             "hvp": cfg.hvp, "seed": cfg.seed, "attack_samples": len(att_idx), "data": os.path.abspath(cfg.data),
-            "precision": cfg.precision, "processes": comm.world}
+            "precision": cfg.precision, "processes": comm.world,
+            "fast": cfg.fast if cfg.method == "grad" else "off"}
     path = os.path.join(cfg.out, "upi.safetensors")
     if comm.is_main:
         with _blame("--out", ()):

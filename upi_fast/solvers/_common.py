@@ -28,6 +28,11 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DataLike = Union[tuple[torch.Tensor, torch.Tensor], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 #: The attacked network: None (the real one), ``"softplus"`` (ReLU -> softplus, beta 10) or a beta.
 SurrogateLike = Union[str, float, None]
+#: ``UPIGrad(fast=...)``: False, True, ``"autotune"`` or a dict of :class:`upi_fast.accel.FastStep` options.
+FastLike = Union[bool, str, dict, None]
+
+#: FastStep options the solver sets from its own arguments (``hvp``, ``precision``, ``fd_step``).
+_FAST_OWN = {"hvp": "hvp", "precision": "precision", "fd_step": "fd_step", "validate": None, "spec": None}
 
 
 def resolve_device(device, model) -> torch.device:
@@ -123,6 +128,31 @@ def check_precision(precision: str) -> None:
     check_choice("precision", precision, PRECISIONS)
 
 
+def check_fast(fast, model) -> bool | str | dict:
+    """Validate ``UPIGrad(fast=...)``; returns False, True, ``"autotune"`` or a copy of the dict."""
+    if fast is None or fast is False:
+        return False
+    if fast is not True and fast != "autotune" and not isinstance(fast, dict):
+        raise ValueError(f"fast must be False, True, 'autotune' or a dict of FastStep options, got {fast!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fast={fast!r} needs the model as a torch.nn.Module (it prepares a copy), "
+                        f"got {type(model).__name__}")
+    if isinstance(fast, dict):
+        import inspect
+
+        from ..accel import FastStep
+        allowed = set(inspect.signature(FastStep.__init__).parameters) - {"self", "model"}
+        for key in fast:
+            if key in _FAST_OWN:
+                own = _FAST_OWN[key]
+                raise ValueError(f"fast: {key!r} is set by the solver" + (f"; pass UPIGrad({own}=...) instead"
+                                                                           if own else ""))
+            if key not in allowed:
+                raise ValueError(f"fast: unknown FastStep option {key!r}; expected one of {sorted(allowed - set(_FAST_OWN))}")
+        return dict(fast)
+    return fast
+
+
 def autocast_factory(precision: str, device: torch.device) -> Callable[[], ContextManager]:
     """The context of the saliency / HVP passes for ``precision``: nothing for ``"fp32"``, else
     ``torch.autocast(device.type, bf16 | fp16)``. The perturbation, the optimiser state and the
@@ -174,4 +204,4 @@ def autograd_errors(hvp: str) -> Iterator[None]:
                          "hvp='finite_difference')") from exc
 
 
-__all__ += ["check_hvp", "eval_mode", "DataLike", "SurrogateLike"]
+__all__ += ["check_hvp", "eval_mode", "DataLike", "SurrogateLike", "FastLike", "check_fast"]

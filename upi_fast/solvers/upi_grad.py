@@ -19,8 +19,8 @@ from ..distributed import current
 from ..hvp import _loss_grad
 from ..projection import project, random_in_ball, steepest_step
 from ._batches import CleanBatches, batch_noise
-from ._common import (DataLike, SurrogateLike, autocast_factory, autograd_errors, check_common, check_flag,
-                      check_hvp, check_precision, default_noise_std, make_spec, resolve_device, spec_fields,
+from ._common import (DataLike, FastLike, SurrogateLike, autocast_factory, autograd_errors, check_common,
+                      check_fast, check_flag, check_hvp, check_precision, default_noise_std, make_spec, resolve_device, spec_fields,
                       surrogate_context)
 from ._microbatch import MicroBatcher
 from ._state import RunCheckpoints, check_checkpoint_args
@@ -72,6 +72,16 @@ class UPIGrad:
             Without it (default) running out of memory raises
             :class:`~upi_fast.solvers.BatchOutOfMemoryError`, whose message names the batch size to
             lower. See :mod:`upi_fast.solvers._microbatch` for what splitting preserves.
+        fast: the prepared step of :mod:`upi_fast.accel` instead of the reference code. ``False``
+            (default): the reference :func:`upi_fast.saliency_loss_grad` on ``model`` as given.
+            ``True``: a :class:`~upi_fast.accel.FastStep` (BatchNorm folded, frozen copy of the
+            model, lean step; with ``target_kind="prob"``, ``hvp="double_backward"`` becomes
+            ``"auto"``, which picks the exact piecewise-linear HVP on ReLU / max-pool networks and
+            keeps double backward otherwise, so the gradient is the same to float32 rounding). ``"autotune"``: the fastest of a few equivalent layouts,
+            timed on the first batch (:func:`~upi_fast.accel.autotune_step`; a few seconds).
+            A dict: :class:`~upi_fast.accel.FastStep` options (e.g. ``{"channels_last": True}``,
+            ``{"compile": True}`` with a finite-difference ``hvp``, ``{"cuda_graph": True}``).
+            The caller's model is never modified. Measured gains: ``bench/RESULTS.md``.
 
     Distributed (``torch.distributed`` initialised, e.g. under ``torchrun``): each global batch is
     split across the processes; each computes the gradient sum of its correctly classified samples,
@@ -86,6 +96,8 @@ class UPIGrad:
         n_samples_: correctly classified attack samples used per epoch.
         n_steps_: steps taken. fit_time_: seconds.
         micro_batch_: the micro-batch size ``oom_retry`` settled on (None: batches were never split).
+        step_: the :class:`~upi_fast.accel.FastStep` used (None unless ``fast``); its ``hvp_`` is the
+            resolved HVP mode and, with ``fast="autotune"``, ``tuning_`` the timings of the candidates.
     """
 
     def __init__(self, model: ModelLike, eps: float, norm: NormLike = 2, saliency: str = "simple",
@@ -95,8 +107,9 @@ class UPIGrad:
                  seed: int = 0, device: DeviceLike | None = None, progress: bool = True,
                  saliency_kwargs: dict | None = None, fd_step: float = 1e-2, lr_schedule: str = "cosine",
                  checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
-                 precision: str = "fp32", oom_retry: bool = False) -> None:
+                 precision: str = "fp32", oom_retry: bool = False, fast: FastLike = False) -> None:
         check_model(model)
+        self.fast = check_fast(fast, model)
         self.oom_retry = check_flag("oom_retry", oom_retry)
         self.norm = check_common(eps, norm, batch_size, seed)
         check_positive("epochs", epochs, integer=True)
@@ -155,6 +168,10 @@ class UPIGrad:
             gen = torch.Generator(device=device).manual_seed(self.seed)
             delta = random_in_ball(shape, self.eps, self.norm, generator=gen, device=device)
             st = _GradState(delta, _Adam(delta) if self.optimizer == "adam" else None, gen)
+            self.step_ = None
+            if self.fast is not False:
+                with surrogate_context(self.model, self.surrogate):  # the prepared copy keeps the surrogate
+                    self.step_ = self._make_fast_step() if self.fast != "autotune" else None
             if resume:
                 st.restore(ckpt.restore(), device)
             total = self.epochs * stream.batches_per_epoch
@@ -187,6 +204,7 @@ class UPIGrad:
                 "noise_std": self.noise_std, "hvp": self.hvp, "surrogate": self.surrogate,
                 "preserve_labels": self.preserve_labels, "seed": self.seed, "fd_step": self.fd_step,
                 "lr_schedule": self.lr_schedule, "precision": self.precision,
+                "fast": self.fast if not isinstance(self.fast, dict) else sorted(self.fast.items()),
                 "data": {"kind": stream.kind, "input_shape": stream.input_shape,
                          "batches_per_epoch": stream.batches_per_epoch}}
 
@@ -225,10 +243,33 @@ class UPIGrad:
                              "use precision='fp32' or a smaller eps / noise_std")
         return float(buf[d]) / batch.n_global, buf[:d].reshape(delta.shape).to(delta.dtype)
 
+    def _fast_options(self) -> dict:
+        # double backward -> auto only where auto is exact: with a logit target it may pick finite differences
+        upgrade = self.hvp == "double_backward" and self.target_kind == "prob"
+        options = {"hvp": "auto" if upgrade else self.hvp, "precision": self.precision,
+                   "fd_step": self.fd_step, "validate": False}
+        if isinstance(self.fast, dict):
+            options.update(self.fast)
+        return options
+
+    def _make_fast_step(self):
+        from ..accel import FastStep
+        return FastStep(self.model, self.spec, **self._fast_options())
+
     def _objective_grad(self, x_eval, y, I_ref, delta, generator, autocast, x_clean):
-        with autograd_errors(self.hvp), surrogate_context(self.model, self.surrogate), autocast():
-            loss, grad = _loss_grad(self.model, x_eval, y, I_ref, delta.to(x_eval.dtype), self.spec, self.hvp, 0.0,
-                                    generator, self.fd_step)
+        if self.fast is not False:
+            if self.step_ is None:  # fast="autotune": tuned on the first batch
+                from ..accel import autotune_step
+                with surrogate_context(self.model, self.surrogate), autograd_errors(self.hvp):
+                    self.step_ = autotune_step(self.model, x_eval, y, I_ref, delta.to(x_eval.dtype), self.spec,
+                                               **self._fast_options())
+            # the prepared copy holds the swapped nn.ReLU modules; functional relu calls need the context
+            with autograd_errors(self.hvp), surrogate_context(self.model, self.surrogate):
+                loss, grad = self.step_(x_eval, y, I_ref, delta.to(x_eval.dtype), generator)
+        else:
+            with autograd_errors(self.hvp), surrogate_context(self.model, self.surrogate), autocast():
+                loss, grad = _loss_grad(self.model, x_eval, y, I_ref, delta.to(x_eval.dtype), self.spec, self.hvp,
+                                        0.0, generator, self.fd_step)
         if self.preserve_labels > 0:
             with autograd_errors(self.hvp), torch.enable_grad():
                 dd = delta.detach().to(x_clean.dtype).requires_grad_(True)

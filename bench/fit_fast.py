@@ -1,0 +1,53 @@
+"""Whole ``UPIGrad.fit`` calls with ``fast=False / True / "autotune"``, side by side.
+
+``python -m bench.fit_fast [--rounds 3]``: ResNet-18 (random weights, 10 classes) on 192 random
+3x64x64 images labelled by the model (batch 64, 2 epochs), and the digits CNN on the digits attack
+split (batch 128, 5 epochs). Rounds are interleaved (every contender once per round, seeds 0, 1, ...),
+and the median fit time and the ratio to ``fast=False`` in the same run are printed.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torchvision
+
+import upi_fast as U
+from upi_fast.data import digits
+from upi_fast.models import digits_cnn
+
+CONTENDERS = (False, True, "autotune")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    r18 = torchvision.models.resnet18(num_classes=10).eval()
+    X = torch.randn(192, 3, 64, 64)
+    with torch.no_grad():
+        y = r18(X).argmax(1)
+    splits = digits()
+    cases = (("resnet18 3x64x64", r18, (X, y), 64, 2), ("digits CNN", digits_cnn(), splits.attack, 128, 5))
+    times: dict = {}
+    for name, model, data, batch, epochs in cases:
+        for rnd in range(args.rounds):
+            for fast in CONTENDERS:
+                solver = U.UPIGrad(model, 1.0, epochs=epochs, batch_size=batch, progress=False, fast=fast, seed=rnd)
+                t0 = time.perf_counter()
+                solver.fit(data)
+                times.setdefault(name, {}).setdefault(str(fast), []).append(time.perf_counter() - t0)
+    print(f"{'model':<18} {'fast':<10} {'median s':>9} {'vs fast=False':>14}")
+    for name, rows in times.items():
+        ref = statistics.median(rows["False"])
+        for fast, ts in rows.items():
+            med = statistics.median(ts)
+            print(f"{name:<18} {fast:<10} {med:>9.2f} {ref / med:>13.2f}x")
+    return times
+
+
+if __name__ == "__main__":
+    main()
