@@ -15,6 +15,8 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -167,3 +169,28 @@ def write_json(path: str, payload: dict) -> None:
     with open(tmp, "w") as fh:
         json.dump(payload, fh, indent=2, default=str)
     os.replace(tmp, path)
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def memory_worker(module: str, quick: bool, timeout: float = 3600) -> tuple[dict, str | None]:
+    """Run ``python -m <module> --memory-worker [--quick]`` in a fresh process (so its peak resident
+    memory is its own) with this process's thread count; returns ``(the JSON on its last stdout
+    line, None)`` or ``({}, why it failed)``."""
+    cmd = [sys.executable, "-m", module, "--memory-worker"] + (["--quick"] if quick else [])
+    try:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {}, f"memory worker failed: {e}"
+    if proc.returncode != 0:
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
+        return {}, f"memory worker failed: {last}"
+    return json.loads(proc.stdout.strip().splitlines()[-1]), None
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine of two tensors' flattened values, in float64."""
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))

@@ -38,3 +38,14 @@ def _seed_and_backend():
     yield
     if ops.get_backend() != before:
         ops.set_backend(before)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("single_thread")``):
+    small problems gain nothing from threads, and on a shared, busy CPU spinning OpenMP threads make
+    small LAPACK and convolution calls many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

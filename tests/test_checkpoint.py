@@ -16,12 +16,7 @@ from upi_fast.solvers import UPIGrad, UPIPCA
 from test_distributed import TESTS_DIR, cli_args, make_cifar, tiny
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _tensors():

@@ -6,10 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from hardening_fixtures import one_thread  # noqa: F401 (autouse fixture)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 

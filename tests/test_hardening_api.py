@@ -23,8 +23,9 @@ from upi_fast.models import load_state_dict_file
 from upi_fast.pipeline import ComputeConfig, compute, evaluate_file, option_of
 from upi_fast.solvers import UPIGrad, UPIPCA
 
-from hardening_fixtures import one_thread  # noqa: F401 (autouse fixture)
 from hardening_support import make_image_folder, train_mode_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SOLVERS = {"grad": lambda m, eps=0.3, **kw: UPIGrad(m, eps, epochs=1, batch_size=8, progress=False, **kw),
            "pca": lambda m, eps=0.3, **kw: UPIPCA(m, eps, batch_size=8, progress=False, **kw)}

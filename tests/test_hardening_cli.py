@@ -15,8 +15,9 @@ import torch
 from upi_fast.cli import main
 from upi_fast.io import save_perturbation
 
-from hardening_fixtures import one_thread  # noqa: F401 (autouse fixture)
 from hardening_support import make_image_folder
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

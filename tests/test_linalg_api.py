@@ -6,13 +6,7 @@ import upi_fast.linalg as L
 from upi_fast.linalg import PlantedRows, exact_svd, randomized_svd, top_singular_vectors
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small problems: run single-threaded (see test_linalg_krylov.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_public_names_exported():

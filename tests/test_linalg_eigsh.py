@@ -6,13 +6,7 @@ from upi_fast.linalg import (FrequentDirections, PlantedRows, authors_ascent, la
                              TensorRows)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small problems: run single-threaded (see test_linalg_krylov.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _dense_pca_plus(G, V, lam):

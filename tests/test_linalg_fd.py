@@ -11,14 +11,7 @@ import torch
 from upi_fast.linalg import FrequentDirections, PlantedRows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small problems: run single-threaded. On 2 shared cores, OpenMP's spinning threads make
-    small LAPACK calls 10-30x slower when another process competes; one thread avoids that."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _tail2(S, k):

@@ -14,14 +14,7 @@ from upi_fast.linalg import PlantedRows, StreamingSketch
 from upi_fast.ops.sketch_update import rademacher_columns
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small problems: run single-threaded. On 2 shared cores, OpenMP's spinning threads make
-    small LAPACK calls 10-30x slower when another process competes; one thread avoids that."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _sin(v, u):

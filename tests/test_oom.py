@@ -18,8 +18,9 @@ from upi_fast.io import load_perturbation
 from upi_fast.solvers import BatchOutOfMemoryError, UPIGrad, UPIPCA
 from upi_fast.solvers._microbatch import MicroBatcher, is_out_of_memory
 
-from hardening_fixtures import one_thread  # noqa: F401 (autouse fixture)
 from hardening_support import make_image_folder, oom_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _problem():

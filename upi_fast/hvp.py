@@ -88,6 +88,19 @@ class SaliencySpec:
             (u,) = torch.autograd.grad(loss.sum(), rr)
         return loss.detach(), u
 
+    def loss_u_w(self, A: torch.Tensor, xp: torch.Tensor,
+                 I_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From the averaged input gradient ``A`` (B, C, H, W) at the evaluation points ``xp``:
+        ``(loss (B,), u, w)``, ``u`` as in :meth:`loss_and_u` of the raw map ``r`` and ``w`` the vector
+        the target's Hessian is applied to (``u``, times ``xp - baseline`` with ``multiply_by_input``,
+        where ``r = (xp - baseline) * A``)."""
+        if not self.multiply_by_input:
+            loss, u = self.loss_and_u(A, I_ref)
+            return loss, u, u
+        bvec = xp - _baseline_like(self.baseline, xp)
+        loss, u = self.loss_and_u(bvec * A, I_ref)
+        return loss, u, bvec * u
+
 
 def _noise(x: torch.Tensor, std: float, generator: torch.Generator | None) -> torch.Tensor:
     if std == 0:
@@ -130,13 +143,7 @@ def loss_and_direction(model, xp: torch.Tensor, target: torch.Tensor, I_ref: tor
                                  create_graph=False, steps=spec.steps, baseline=spec.baseline, noise=sg_noise)
 
     A0 = A_eval(xp)
-    if spec.multiply_by_input:
-        bvec = xp - _baseline_like(spec.baseline, xp)
-        r = bvec * A0
-    else:
-        r = A0
-    loss, u = spec.loss_and_u(r, I_ref)
-    w = bvec * u if spec.multiply_by_input else u
+    loss, u, w = spec.loss_u_w(A0, xp, I_ref)
     if hvp == "forward":
         _, Hw = torch.func.jvp(_avg_grad_func(model, target, spec, sg_noise), (xp,), (w,))
     else:

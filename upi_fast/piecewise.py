@@ -573,13 +573,7 @@ def piecewise_loss_and_direction(model, xp: torch.Tensor, target: torch.Tensor, 
     prob = _ProbTarget(lin.logits, tgt)
     g = lin.vjp(prob.grad(), retain_graph=True)
     A0 = g if m == 1 else g.view(m, *xp.shape).mean(0)
-    if spec.multiply_by_input:
-        bvec = xp - _baseline_like(spec.baseline, xp)
-        r = bvec * A0
-    else:
-        r = A0
-    loss, u = spec.loss_and_u(r, I_ref)
-    w = bvec * u if spec.multiply_by_input else u
+    loss, u, w = spec.loss_u_w(A0, xp, I_ref)
     if m > 1:
         w = (scales.view(-1, 1, 1, 1, 1) * w.unsqueeze(0)).reshape(m * B, *xp.shape[1:])
     Hw = lin.vjp(prob.hvp(lin.jvp(w)), retain_graph=False)

@@ -42,7 +42,6 @@ import argparse
 import ctypes
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Callable
@@ -50,7 +49,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..harness import Measurement, compare, machine_info, measure, print_table, results_dir, write_json
+from ..harness import (Measurement, compare, cosine, machine_info, measure, memory_worker, print_table, results_dir,
+                       write_json)
 
 __all__ = ["run", "main", "MODES"]
 
@@ -58,7 +58,6 @@ MODES = ("double_backward", "forward", "finite_difference", "finite_difference_o
 _FLOOR, _LOOP = "gradient (floor)", "per-sample loop (double backward)"
 _COLUMNS = ["name", "items", "items_per_s", "median_s", "iqr_s", "speedup_vs_double_backward", "best_items_per_s",
             "best_speedup", "peak_mem_mb", "mem_vs_db", "cos_vs_db"]
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def digits_like_cnn(classes: int = 10) -> nn.Module:
@@ -170,25 +169,7 @@ def _memory_worker(quick: bool, threads: int) -> dict:
     return out
 
 
-def _cpu_memory(quick: bool) -> tuple[dict, str | None]:
-    cmd = [sys.executable, "-m", "bench.suites.hvp", "--memory-worker"] + (["--quick"] if quick else [])
-    try:
-        proc = subprocess.run(cmd, cwd=_REPO, capture_output=True, text=True, timeout=1800,
-                              env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return {}, f"memory worker failed: {e}"
-    if proc.returncode != 0:
-        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
-        return {}, f"memory worker failed: {last}"
-    return json.loads(proc.stdout.strip().splitlines()[-1]), None
-
-
 # ------------------------------------------------------------------------------------------- timing
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
-
 
 def _time_model(cfg: dict, device: str, rounds: int, repeat: int) -> tuple[list[Measurement], dict]:
     problem = _build(cfg, device)
@@ -198,7 +179,7 @@ def _time_model(cfg: dict, device: str, rounds: int, repeat: int) -> tuple[list[
         out = fn()
         if name in MODES:
             grads[name] = out[1]
-    cos = {m: _cosine(g, grads["double_backward"]) for m, g in grads.items()}
+    cos = {m: cosine(g, grads["double_backward"]) for m, g in grads.items()}
     times: dict[str, list[float]] = {name: [] for name in cont}
     for _ in range(rounds):
         for name, (fn, items) in cont.items():
@@ -224,7 +205,7 @@ def run(quick: bool = False, device: str = "cpu", smoke: bool = False) -> dict:
     elif quick or smoke:
         memory, mem_note = {}, "CPU peak memory not measured with --quick (run without it)"
     else:
-        memory, mem_note = _cpu_memory(quick)
+        memory, mem_note = memory_worker("bench.suites.hvp", quick, timeout=1800)
     result = {"suite": "hvp", "machine": machine_info(device), "quick": quick, "rounds": rounds,
               "repeats_per_round": repeat, "models": {}, "notes": [mem_note] if mem_note else []}
     for cfg in _configs(quick, device, smoke):

@@ -55,14 +55,14 @@ import ctypes
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Callable
 
 import torch
 
-from ..harness import Measurement, compare, machine_info, measure, print_table, results_dir, write_json
+from ..harness import (Measurement, compare, cosine, machine_info, measure, memory_worker, print_table, results_dir,
+                       write_json)
 
 __all__ = ["run", "main", "build_problem", "configs"]
 
@@ -231,26 +231,7 @@ def _memory_worker(quick: bool, smoke: bool) -> dict:
     return out
 
 
-def _cpu_memory(quick: bool, smoke: bool) -> tuple[dict, str | None]:
-    cmd = [sys.executable, "-m", __name__, "--memory-worker"] + (["--quick"] if quick else [])
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=3600,
-                              env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return {}, f"memory worker failed: {e}"
-    if proc.returncode != 0:
-        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
-        return {}, f"memory worker failed: {last}"
-    return json.loads(proc.stdout.strip().splitlines()[-1]), None
-
-
 # ------------------------------------------------------------------------------------------- timing
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
-
 
 def _time_model(cfg: dict, device: str, quick: bool, smoke: bool, rounds: int, repeat: int):
     from .hvp import _cuda_peak_mb
@@ -263,7 +244,7 @@ def _time_model(cfg: dict, device: str, quick: bool, smoke: bool, rounds: int, r
         for _ in range(1 if (smoke or quick) else 2):
             out = c.fn()
         if name != LOOP:
-            cos[name] = _cosine(out[1], ref_grad)
+            cos[name] = cosine(out[1], ref_grad)
     times: dict[str, list[float]] = {name: [] for name in cont}
     for _ in range(rounds):
         for name, c in cont.items():
@@ -425,7 +406,7 @@ def run(quick: bool = False, device: str = "cpu", smoke: bool = False) -> dict:
         rounds, repeat = (1, 2) if (quick or smoke) else (3, 3)
     t0 = time.perf_counter()
     memory, mem_note = ({}, "CPU peak memory not measured with --quick / --smoke") if (quick or smoke) else (
-        _cpu_memory(quick, smoke) if device == "cpu" else ({}, None))
+        memory_worker("bench.suites.upi_grad", quick) if device == "cpu" else ({}, None))
     result = {"suite": "upi_grad", "machine": machine_info(device), "quick": quick, "smoke": smoke,
               "reference": REFERENCE, "rounds": rounds, "repeats_per_round": repeat, "models": {},
               "notes": [mem_note] if mem_note else [], "artifacts": {}}

@@ -9,7 +9,6 @@ in place, on every rank). Checkpointable ones (``checkpointable = True``) also h
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
