@@ -8,6 +8,7 @@ always computed against a reference contender measured in the same process, the 
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime as _dt
 import json
@@ -194,3 +195,37 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Cosine of two tensors' flattened values, in float64."""
     a, b = a.double().flatten(), b.double().flatten()
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def suite_parser(suite: str, doc: str, quick_help: str, *, threads: bool = True, smoke: bool = False,
+                 default_device: str = "cpu") -> argparse.ArgumentParser:
+    """The command line every suite shares: ``--quick``, ``--device``, ``--no-save`` and, when asked
+    for, ``--threads`` and the hidden ``--smoke``."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench.suites.{suite}", description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    if smoke:
+        parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default=default_device, choices=["cpu", "cuda"])
+    parser.add_argument("--no-save", action="store_true", help=f"do not write bench/results/.../{suite}.json")
+    if threads:
+        parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    return parser
+
+
+def apply_threads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``torch.set_num_threads(args.threads)`` when given (a clear error below 1)."""
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+
+
+def finish_suite(suite: str, result: dict, device: str, no_save: bool) -> int:
+    """Print the suite's total time and write its JSON (unless ``no_save``); returns exit code 0."""
+    if "seconds" in result:
+        print(f"total {result['seconds']:.1f} s")
+    if not no_save:
+        path = os.path.join(results_dir(device), f"{suite}.json")
+        write_json(path, result)
+        print(f"wrote {path}")
+    return 0

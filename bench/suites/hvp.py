@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import os
 import sys
 import time
 from typing import Callable
@@ -49,8 +48,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..harness import (Measurement, compare, cosine, machine_info, measure, memory_worker, print_table, results_dir,
-                       write_json)
+from ..harness import (Measurement, apply_threads, compare, cosine, finish_suite, machine_info, measure, memory_worker,
+                       print_table, suite_parser)
 
 __all__ = ["run", "main", "MODES"]
 
@@ -230,27 +229,14 @@ def run(quick: bool = False, device: str = "cpu", smoke: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.suites.hvp", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller ResNet batches, no CPU memory")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--no-save", action="store_true", help="do not write bench/results/.../hvp.json")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser = suite_parser("hvp", __doc__, "fewer repeats, smaller ResNet batches, no CPU memory")
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    apply_threads(parser, args)
     if args.memory_worker:
         print(json.dumps(_memory_worker(args.quick, torch.get_num_threads())))
         return 0
-    result = run(args.quick, args.device)
-    print(f"total {result['seconds']:.1f} s")
-    if not args.no_save:
-        path = os.path.join(results_dir(args.device), "hvp.json")
-        write_json(path, result)
-        print(f"wrote {path}")
-    return 0
+    return finish_suite("hvp", run(args.quick, args.device), args.device, args.no_save)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,12 @@ Results go to ``bench/results/<date>-<device>/ops.json`` (written atomically).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
-from ..harness import Measurement, machine_info, measure, print_table, results_dir, write_json
+from ..harness import Measurement, finish_suite, machine_info, measure, print_table, suite_parser
 
 __all__ = ["run", "main"]
 
@@ -232,20 +231,13 @@ def run(quick: bool = False, device: str = "cuda", smoke: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.suites.ops", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (and smaller CPU sizes)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
-    parser.add_argument("--no-save", action="store_true", help="do not write bench/results/.../ops.json")
+    parser = suite_parser("ops", __doc__, "fewer repeats (and smaller CPU sizes)", threads=False,
+                          default_device="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.device == "cpu":
         # The interpreter must be chosen before the first kernel module is imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    result = run(args.quick, args.device)
-    if not args.no_save:
-        path = os.path.join(results_dir(args.device), "ops.json")
-        write_json(path, result)
-        print(f"wrote {path}")
-    return 0
+    return finish_suite("ops", run(args.quick, args.device), args.device, args.no_save)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from ..harness import Measurement, compare, machine_info, measure, print_table, results_dir, write_json
+from ..harness import Measurement, compare, finish_suite, machine_info, measure, print_table, suite_parser
 
 __all__ = ["run", "main"]
 
@@ -299,23 +299,14 @@ def run(quick: bool = False, device: str = "cpu", smoke: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.suites.svd", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1,000-row stream and 500-row matrix, one round")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--no-save", action="store_true", help="do not write bench/results/.../svd.json")
+    parser = suite_parser("svd", __doc__, "1,000-row stream and 500-row matrix, one round", threads=False)
     parser.add_argument("--memory-worker", choices=["floor", "sketch"], help=argparse.SUPPRESS)
     parser.add_argument("--stream-n", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_worker:
         print(json.dumps(_memory_worker(args.memory_worker, args.stream_n)))
         return 0
-    result = run(args.quick, args.device)
-    print(f"total {result['seconds']:.1f} s")
-    if not args.no_save:
-        path = os.path.join(results_dir(args.device), "svd.json")
-        write_json(path, result)
-        print(f"wrote {path}")
-    return 0
+    return finish_suite("svd", run(args.quick, args.device), args.device, args.no_save)
 
 
 if __name__ == "__main__":

@@ -23,14 +23,13 @@ evaluation dissimilarity and fooling rate, and the |cosine| between the exact an
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 
 import torch
 
-from ..harness import Measurement, compare, machine_info, measure, print_table, results_dir, write_json
+from ..harness import (Measurement, apply_threads, compare, finish_suite, machine_info, measure, print_table,
+                       suite_parser)
 from .upi_grad import build_problem
 
 __all__ = ["run", "main"]
@@ -186,24 +185,10 @@ def run(quick: bool = False, device: str = "cpu", smoke: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.suites.upi_pca", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--no-save", action="store_true")
-    parser.add_argument("--threads", type=int, default=None)
+    parser = suite_parser("upi_pca", __doc__, "fewer rows and one round", smoke=True)
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
-    result = run(args.quick, args.device, smoke=args.smoke)
-    print(f"total {result['seconds']:.1f} s")
-    if not args.no_save:
-        path = os.path.join(results_dir(args.device), "upi_pca.json")
-        write_json(path, result)
-        print(f"wrote {path}")
-    return 0
+    apply_threads(parser, args)
+    return finish_suite("upi_pca", run(args.quick, args.device, smoke=args.smoke), args.device, args.no_save)
 
 
 if __name__ == "__main__":
