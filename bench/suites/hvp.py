@@ -46,10 +46,10 @@ import time
 from typing import Callable
 
 import torch
-from torch import nn
 
 from ..harness import (Measurement, apply_threads, compare, cosine, finish_suite, machine_info, measure, memory_worker,
                        print_table, suite_parser)
+from .upi_grad import build_problem
 
 __all__ = ["run", "main", "MODES"]
 
@@ -57,15 +57,6 @@ MODES = ("double_backward", "forward", "finite_difference", "finite_difference_o
 _FLOOR, _LOOP = "gradient (floor)", "per-sample loop (double backward)"
 _COLUMNS = ["name", "items", "items_per_s", "median_s", "iqr_s", "speedup_vs_double_backward", "best_items_per_s",
             "best_speedup", "peak_mem_mb", "mem_vs_db", "cos_vs_db"]
-
-
-def digits_like_cnn(classes: int = 10) -> nn.Module:
-    """A small ReLU CNN for 1x16x16 inputs (random weights; timing only)."""
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, classes),
-    )
 
 
 def _configs(quick: bool, device: str, smoke: bool = False) -> list[dict]:
@@ -78,26 +69,6 @@ def _configs(quick: bool, device: str, smoke: bool = False) -> list[dict]:
     if device == "cuda":
         cfgs.append(dict(model="resnet50", shape=(3, 224, 224), batch=32 if quick else 64, loop=4 if quick else 16))
     return cfgs
-
-
-def _build(cfg: dict, device: str):
-    """The model and its inputs ``(model, x, y, I_ref, delta)``, identical in every process."""
-    import torchvision
-
-    import upi_fast as U
-
-    torch.manual_seed(0)
-    if cfg["model"] == "digits CNN":
-        model, classes = digits_like_cnn(), 10
-    else:
-        model, classes = getattr(torchvision.models, cfg["model"])(weights=None), 1000
-    model = model.to(device).eval()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(cfg["batch"], *cfg["shape"], generator=g).to(device)
-    y = torch.randint(0, classes, (cfg["batch"],), generator=g).to(device)
-    delta = (0.05 * torch.randn(*cfg["shape"], generator=g)).to(device)
-    I_ref = U.saliency(model, x, y)
-    return model, x, y, I_ref, delta
 
 
 def _contenders(cfg: dict, model, x, y, I_ref, delta) -> dict[str, tuple[Callable, int]]:
@@ -162,7 +133,7 @@ def _memory_worker(quick: bool, threads: int) -> dict:
         raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed")
     out = {}
     for cfg in _configs(quick, "cpu"):
-        problem = _build(cfg, "cpu")
+        problem = build_problem(cfg, "cpu")
         out[cfg["model"]] = {name: _cpu_peak_growth_mb(fn) for name, (fn, _) in _contenders(cfg, *problem).items()}
         del problem
     return out
@@ -171,7 +142,7 @@ def _memory_worker(quick: bool, threads: int) -> dict:
 # ------------------------------------------------------------------------------------------- timing
 
 def _time_model(cfg: dict, device: str, rounds: int, repeat: int) -> tuple[list[Measurement], dict]:
-    problem = _build(cfg, device)
+    problem = build_problem(cfg, device)
     cont = _contenders(cfg, *problem)
     grads = {}
     for name, (fn, _) in cont.items():  # warm-up call, kept for the agreement column
