@@ -9,11 +9,10 @@ import time
 import pytest
 import torch
 
-import upi_fast.checkpoint as C
 from upi_fast.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, save_checkpoint
 from upi_fast.solvers import UPIGrad, UPIPCA
 
-from test_distributed import TESTS_DIR, cli_args, make_cifar, tiny
+from test_distributed import TESTS_DIR, CrashAfterCheckpoint, cli_args, crash_after_checkpoint, make_cifar, tiny
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -79,21 +78,6 @@ def test_manager_keeps_two_and_falls_back_past_damage(tmp_path):
     assert not CheckpointManager(tmp_path / "ck", writer=False).save(9, {"v": torch.zeros(1)}, {})
 
 
-class _Stop(Exception):
-    pass
-
-
-def _crash_after(monkeypatch, stop_at: int) -> None:
-    """Make the run die right after checkpoint ``stop_at`` is on disk (as a kill would)."""
-    orig = C.CheckpointManager.save
-
-    def save(self, step, tensors, meta):
-        path = orig(self, step, tensors, meta)
-        if step == stop_at:
-            raise _Stop
-        return path
-
-    monkeypatch.setattr(C.CheckpointManager, "save", save)
 
 
 def _loader(shuffle=False, batch_size=10):
@@ -126,17 +110,15 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_resumed_run_is_bit_identical(case, tmp_path, monkeypatch):
+def test_resumed_run_is_bit_identical(case, tmp_path):
     make, kind, every, stop_at = CASES[case]
     m, X, y, y_mixed = tiny()
     data = {"tensors": (X, y_mixed), "loader": _loader(), "shuffled": _loader(shuffle=True),
             "iterable": torch.utils.data.DataLoader(_Iterable(), batch_size=8)}[kind]
     full = make(m, progress=False).fit(data)
     ck = tmp_path / "ck"
-    with monkeypatch.context() as mp:
-        _crash_after(mp, stop_at)
-        with pytest.raises(_Stop):
-            make(m, progress=False, checkpoint_dir=str(ck), checkpoint_every=every).fit(data)
+    with crash_after_checkpoint(stop_at), pytest.raises(CrashAfterCheckpoint):
+        make(m, progress=False, checkpoint_dir=str(ck), checkpoint_every=every).fit(data)
     assert max(CheckpointManager(ck).steps()) == stop_at and len(CheckpointManager(ck).steps()) == 2
     resumed = make(m, progress=False, checkpoint_dir=str(ck), checkpoint_every=every).fit(data, resume=True)
     assert torch.equal(resumed.delta_, full.delta_)
@@ -146,15 +128,13 @@ def test_resumed_run_is_bit_identical(case, tmp_path, monkeypatch):
         assert torch.equal(resumed.singular_values_, full.singular_values_) and resumed.sign_ == full.sign_
 
 
-def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, monkeypatch):
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     m, X, y, _ = tiny()
     make = lambda: UPIGrad(m, 0.3, epochs=2, batch_size=8, optimizer="adam", progress=False, seed=7,
                            checkpoint_dir=str(tmp_path), checkpoint_every=2)
     full = UPIGrad(m, 0.3, epochs=2, batch_size=8, optimizer="adam", progress=False, seed=7).fit((X, y))
-    with monkeypatch.context() as mp:
-        _crash_after(mp, 6)
-        with pytest.raises(_Stop):
-            make().fit((X, y))
+    with crash_after_checkpoint(6), pytest.raises(CrashAfterCheckpoint):
+        make().fit((X, y))
     newest = CheckpointManager(tmp_path).path(6)
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 3])
     with pytest.warns(UserWarning, match="truncated or corrupt.*falling back"):

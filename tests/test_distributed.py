@@ -4,6 +4,7 @@ One spawn runs every distributed case (the solvers through the API, an interrupt
 2-process run, and ``upi-fast compute`` started from a torchrun-like environment); the parent
 computes the single-process references and compares.
 """
+import contextlib
 import json
 import os
 import pickle
@@ -100,29 +101,37 @@ def solver_cases() -> dict:
     return out
 
 
-class _Stop(Exception):
-    pass
+class CrashAfterCheckpoint(Exception):
+    """Raised right after a chosen checkpoint is on disk: the run stops there, as a kill would."""
 
 
-def _interrupted_then_resumed(make, data, stop_at: int, comm) -> torch.Tensor:
-    """Run ``make()`` until checkpoint ``stop_at`` is written (every process stops there), then resume."""
+@contextlib.contextmanager
+def crash_after_checkpoint(stop_at: int):
+    """Within the block, a run raises :class:`CrashAfterCheckpoint` once checkpoint ``stop_at`` is written."""
     import upi_fast.checkpoint as C
     orig = C.CheckpointManager.save
 
     def save(self, step, tensors, meta):
         path = orig(self, step, tensors, meta)
         if step == stop_at:
-            raise _Stop
+            raise CrashAfterCheckpoint(step)
         return path
 
     C.CheckpointManager.save = save
     try:
-        make().fit(data)
-        raise AssertionError("the run was not interrupted")
-    except _Stop:
-        pass
+        yield
     finally:
         C.CheckpointManager.save = orig
+
+
+def _interrupted_then_resumed(make, data, stop_at: int, comm) -> torch.Tensor:
+    """Run ``make()`` until checkpoint ``stop_at`` is written (every process stops there), then resume."""
+    try:
+        with crash_after_checkpoint(stop_at):
+            make().fit(data)
+        raise AssertionError("the run was not interrupted")
+    except CrashAfterCheckpoint:
+        pass
     comm.barrier()
     return make().fit(data, resume=True).delta_
 
