@@ -38,6 +38,7 @@ PUBLIC: list[tuple[str, tuple[str, ...] | None]] = [
     ("upi_fast.metrics", None),
     ("upi_fast.baselines", None),
     ("upi_fast.linalg", None),
+    ("upi_fast.accel", None),
     ("upi_fast.io", None),
     ("upi_fast.models", None),
     ("upi_fast.data", ("TensorSplit", "DigitsSplits", "digits", "image_folder", "cifar10", "open_dataset",

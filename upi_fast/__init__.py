@@ -30,13 +30,13 @@ from .hvp import HVP_MODES, saliency_loss_grad
 from .ops import backends, get_backend, set_backend
 from .projection import project
 from .saliency import saliency
-from .solvers import UPIPCA, UPIGrad
+from .solvers import UPIPCA, BatchOutOfMemoryError, UPIGrad
 from .surrogate import softplus_surrogate
 
 __all__ = [
     "__version__",
     "saliency", "dissimilarity", "saliency_loss_grad", "HVP_MODES", "softplus_surrogate", "project",
-    "UPIGrad", "UPIPCA", "evaluate", "baselines", "metrics",
+    "UPIGrad", "UPIPCA", "BatchOutOfMemoryError", "evaluate", "baselines", "metrics",
     "set_backend", "get_backend", "backends",
     "functional", "adapters",
 ]

@@ -10,7 +10,7 @@ changes, each measured side by side in ``bench/suites/upi_grad.py`` (numbers in 
   memory-bound op fewer per layer in *every* pass (forward, tangent forward, both backwards);
 * CPU kernel choices: :class:`SpaceToDepthConv2d` (a strided stem over few channels as a stride-1
   convolution: oneDNN's input gradient of ResNet's 3-channel 7x7/2 stem is 2.5x faster that way) and
-  :class:`ChannelsLastMaxPool` (the NCHW max-pooling kernel is ~10x slower than the NHWC one);
+  :class:`ChannelsLastMaxPool` (the NCHW max-pooling kernel is about 10 times slower than the NHWC one);
 * :func:`prepare_model`: an eval-mode copy with the above, parameters frozen (``requires_grad=False``),
   optionally channels_last (NHWC);
 * :class:`FastStep` / :func:`fast_step`: ``step(x, y, I_ref, delta) -> (loss, grad)`` with the HVP
@@ -39,7 +39,7 @@ import copy
 import logging
 import math
 import time
-from typing import Callable, ContextManager
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
@@ -53,9 +53,10 @@ __all__ = ["fold_batchnorm", "prepare_model", "FastStep", "fast_step", "autotune
 
 logger = logging.getLogger("upi_fast")
 
+#: Arithmetic of the model passes in :class:`FastStep` (``precision=``): float32, or autocast to bf16 / fp16.
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: HVP modes whose step is first order only, hence valid under ``torch.compile``.
 COMPILABLE_MODES = ("finite_difference", "finite_difference_onesided")
-"""HVP modes whose step is first order only, hence valid under ``torch.compile``."""
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -194,13 +195,14 @@ class SpaceToDepthConv2d(nn.Module):
             self.conv.bias.requires_grad_(conv.bias.requires_grad)
 
     @staticmethod
-    def applies(conv) -> bool:
+    def applies(conv: nn.Module) -> bool:
         """Whether ``conv`` can be rewritten (and is worth it: at most 4 input channels, stride > 1)."""
         return (type(conv) is nn.Conv2d and conv.groups == 1 and conv.dilation == (1, 1)
                 and conv.stride[0] == conv.stride[1] and conv.stride[0] > 1 and conv.in_channels <= 4
                 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped convolution of ``x`` (B, C, H, W): pad, fold s x s blocks into channels, convolve."""
         s, (ph, pw), (kh, kw) = self.stride, self.padding, self.kernel_size
         B, C, H, W = x.shape
         ho, wo = (H + 2 * ph - kh) // s + 1, (W + 2 * pw - kw) // s + 1
@@ -225,6 +227,7 @@ class ChannelsLastMaxPool(nn.Module):
         self.pool = pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped pooling of ``x`` (B, C, H, W), computed in channels_last, returned contiguous."""
         if x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
             return self.pool(x)
         return _Relayout.apply(self.pool(_Relayout.apply(x, torch.channels_last)), torch.contiguous_format)
@@ -390,7 +393,7 @@ class FastStep:
         back and why (e.g. a failed capture: the step then runs eagerly).
     """
 
-    def __init__(self, model, spec: SaliencySpec | None = None, *, hvp: str = "auto", precision: str = "fp32",
+    def __init__(self, model: nn.Module, spec: SaliencySpec | None = None, *, hvp: str = "auto", precision: str = "fp32",
                  channels_last: bool | None = None, fold_bn: bool = True, stem_space_to_depth: bool | None = None,
                  pool_channels_last: bool | None = None, compile: bool = False, cuda_graph: bool = False,
                  static_batch: int | None = None, fd_step: float = 1e-2, prepare: bool = True,
@@ -592,7 +595,7 @@ class FastStep:
                 f"compile={self.compile}, cuda_graph={self.cuda_graph})")
 
 
-def fast_step(model, spec: SaliencySpec | None = None, **options) -> FastStep:
+def fast_step(model: nn.Module, spec: SaliencySpec | None = None, **options: Any) -> FastStep:
     """A :class:`FastStep` for ``model`` (see its arguments): ``step(x, y, I_ref, delta) -> (loss, grad)``."""
     return FastStep(model, spec, **options)
 
@@ -607,9 +610,9 @@ def _default_candidates(device: torch.device, spec: SaliencySpec) -> list[dict]:
             {"channels_last": True, "stem_space_to_depth": False}]
 
 
-def autotune_step(model, x: torch.Tensor, y: torch.Tensor, I_ref: torch.Tensor, delta: torch.Tensor,
+def autotune_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, I_ref: torch.Tensor, delta: torch.Tensor,
                   spec: SaliencySpec | None = None, *, candidates: list[dict] | None = None, repeat: int = 2,
-                  **fixed) -> FastStep:
+                  **fixed: Any) -> FastStep:
     """The fastest :class:`FastStep` among option sets, timed on this batch (like cuDNN's benchmark mode).
 
     Each candidate (a dict of :class:`FastStep` options, merged over ``fixed``) is built, called once
