@@ -202,7 +202,11 @@ def extensions():
     cpp_extension.CUDA_HOME = cuda_home
 
     gencode, targets = arch_flags()
-    defines = ["-DUPI_FAST_BUILD_SYSTEM=setuptools", "-DUPI_FAST_CUDA_ARCHS=" + ",".join(targets)]
+    # nvcc splits -D values at commas (-DA=x,y defines A=x and y=1: "sm_90 = 90" in CUDA's nv/target
+    # then fails to parse): the list is joined with "+", and only the host compiler, which compiles
+    # the build information (register.cpp), gets it.
+    defines = ["-DUPI_FAST_BUILD_SYSTEM=setuptools"]
+    host_defines = defines + ["-DUPI_FAST_CUDA_ARCHS=" + "+".join(targets)]
     ext = cpp_extension.CUDAExtension(
         name="upi_fast._C",
         sources=SOURCES,
@@ -210,7 +214,7 @@ def extensions():
         include_dirs=[os.path.join(HERE, "csrc")],
         # -g0: Python's default CFLAGS carry -g (slower builds, an 8 MB module); -lineinfo keeps the
         # source lines of the kernels for profilers.
-        extra_compile_args={"cxx": ["-O3", "-g0"] + defines, "nvcc": ["-O3", "-lineinfo"] + gencode + defines},
+        extra_compile_args={"cxx": ["-O3", "-g0"] + host_defines, "nvcc": ["-O3", "-lineinfo"] + gencode + defines},
     )
     ninja = cpp_extension.is_ninja_available()
     _say(f"building upi_fast._C with CUDA_HOME={cuda_home}, targets {','.join(targets)}, "

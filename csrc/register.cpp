@@ -72,11 +72,11 @@ std::string version_string(int v) {  // CUDA encodes 13.0 as 13000
   return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
 }
 
-std::vector<std::string> split_commas(const std::string& s) {
+std::vector<std::string> split_list(const std::string& s) {
   std::vector<std::string> out;
   std::string cur;
   for (char ch : s) {
-    if (ch == ',') {
+    if (ch == ',' || ch == '+') {
       if (!cur.empty()) out.push_back(cur);
       cur.clear();
     } else if (ch != ' ') {
@@ -93,8 +93,8 @@ pybind11::dict build_info() {
   info["nvcc_version"] = version_string(upi_fast::nvcc_version());
   // -gencode targets as given to nvcc (sm_XY: machine code, compute_XY: PTX), and the virtual
   // architectures nvcc reports for the kernels' translation units.
-  info["cuda_archs"] = split_commas(UPI_STR(UPI_FAST_CUDA_ARCHS));
-  info["cuda_arch_list"] = split_commas(upi_fast::cuda_arch_list());
+  info["cuda_archs"] = split_list(UPI_STR(UPI_FAST_CUDA_ARCHS));
+  info["cuda_arch_list"] = split_list(upi_fast::cuda_arch_list());
   info["host_compiler"] = host_compiler();
 #if defined(TORCH_VERSION)
   info["torch_version"] = std::string(TORCH_VERSION);

@@ -367,3 +367,31 @@ def test_build_switch(monkeypatch):
     monkeypatch.setenv("UPI_FAST_BUILD_CUDA", "1")
     with pytest.raises(setup_cuda.BuildConfigError, match="CPU-only"):
         setup_cuda.extensions()
+
+
+def test_default_multi_arch_flags_reach_nvcc_intact(monkeypatch, tmp_path):
+    """The default build targets several architectures. nvcc splits a ``-D`` value at commas, so an
+    architecture list in a define once defined ``sm_90`` as a macro and broke CUDA's ``<nv/target>``
+    (every default build failed; CI, building one architecture, did not see it). Checks the flags
+    ``setup_cuda.extensions()`` hands to nvcc, and, where a toolkit is present, preprocesses a file
+    with exactly those flags."""
+    import torch as _torch
+    if not _torch.version.cuda:
+        pytest.skip("torch is a CPU-only build: setup_cuda builds nothing")
+    home = setup_cuda.find_cuda_home(_torch.version.cuda)
+    if home is None:
+        pytest.skip("no CUDA toolkit")
+    monkeypatch.setenv("UPI_FAST_BUILD_CUDA", "1")
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    (ext,), _ = setup_cuda.extensions()
+    nvcc_args = ext.extra_compile_args["nvcc"]
+    assert sum(a.startswith("-gencode") for a in nvcc_args) >= 3  # 8.0, 9.0 and 9.0 PTX by default
+    assert not [a for a in nvcc_args if a.startswith("-D") and "," in a], nvcc_args
+    assert any(a.startswith("-DUPI_FAST_CUDA_ARCHS=") and "+" in a for a in ext.extra_compile_args["cxx"])
+    src = tmp_path / "probe.cu"
+    src.write_text("#include <nv/target>\n#if defined(sm_80) || defined(sm_90) || defined(compute_90)\n"
+                   "#error an architecture name is defined as a macro\n#endif\nint probe() { return 1; }\n")
+    defines = [a for a in nvcc_args if a.startswith("-D")]
+    proc = subprocess.run([os.path.join(home, "bin", "nvcc"), "-E", "-x", "cu", *defines, str(src), "-o", os.devnull],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
