@@ -351,3 +351,18 @@ def test_upigrad_fast_with_a_logit_target_stays_exact():
     run = U.UPIGrad(model, eps=0.5, epochs=1, batch_size=8, progress=False, target_kind="logit",
                     fast=True).fit((X, y))
     assert run.step_.hvp_ == "double_backward"
+
+
+@pytest.mark.parametrize("plus_lambda", [None, 1.0])
+def test_upipca_fast_gives_the_reference_perturbation(plus_lambda):
+    """float64 model: the per-sample directions through the prepared step equal the reference rows,
+    so the exact solver returns the same singular vector, sign and singular values."""
+    model = _bn_cnn(torch.float64)
+    X, y = _solver_data(model, n=20)
+    kw = dict(eps=0.5, batch_size=8, progress=False, solver="exact", plus_lambda=plus_lambda, rounds=2, seed=2)
+    ref = U.UPIPCA(model, **kw).fit((X, y))
+    fast_run = U.UPIPCA(model, fast=True, **kw).fit((X, y))
+    assert ref.step_ is None and fast_run.step_.hvp_ == "piecewise_linear"
+    assert fast_run.sign_ == ref.sign_
+    assert _rel(fast_run.delta_, ref.delta_) < 1e-5
+    assert torch.allclose(fast_run.singular_values_, ref.singular_values_, rtol=1e-6)

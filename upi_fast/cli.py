@@ -173,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when a batch does not fit the device's memory, split it into micro-batches of half the size "
                         "(repeatedly; gradients summed, results unchanged) instead of stopping")
     p.add_argument("--fast", choices=("off", "on", "autotune"), default="off",
-                   help="--method grad: the prepared step of upi_fast.accel (BatchNorm folded, exact piecewise-linear "
-                        "HVP where it applies; autotune: also the fastest layout, timed on the first batch)")
+                   help="attack steps / directions through the prepared step of upi_fast.accel (BatchNorm folded, "
+                        "exact piecewise-linear HVP where it applies; autotune: also the fastest layout, timed on the "
+                        "first batch)")
 
     p = sub.add_parser("evaluate", help="evaluate a saved perturbation (e.g. transfer to another model)")
     p.add_argument("perturbation", type=_existing_path("perturbation"))

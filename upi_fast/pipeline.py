@@ -125,8 +125,6 @@ def _check_config(cfg: "ComputeConfig") -> "ComputeConfig":
             raise ValueError(f"workers must be an integer >= 0, got {cfg.workers!r}")
     with _blame("--fast", ()):
         check_choice("fast", cfg.fast, ("off", "on", "autotune"))
-        if cfg.fast != "off" and cfg.method != "grad":
-            raise ValueError(f"fast={cfg.fast!r} applies to method 'grad' (UPI-Grad), got method {cfg.method!r}")
     with _blame("--oom-retry", ()):
         if not isinstance(cfg.oom_retry, bool):
             raise TypeError(f"oom_retry must be True or False, got {cfg.oom_retry!r}")
@@ -147,7 +145,7 @@ class ComputeConfig:
 
     ``oom_retry``: split batches that do not fit the device's memory into micro-batches instead of
     stopping (``--oom-retry``; see :class:`upi_fast.solvers.UPIGrad`). ``fast``: ``"off"``, ``"on"``
-    or ``"autotune"``, UPI-Grad's ``fast`` option (``--fast``)."""
+    or ``"autotune"``, the solvers' ``fast`` option (``--fast``)."""
     data: str
     model: str
     out: str
@@ -271,11 +269,10 @@ def _compute(cfg: ComputeConfig, comm: Comm, log) -> dict:
     common = dict(norm=cfg.norm, saliency=cfg.saliency, target_kind=cfg.target_kind, batch_size=cfg.batch_size,
                   seed=cfg.seed, device=dev, progress=cfg.progress and comm.is_main, hvp=cfg.hvp,
                   precision=cfg.precision, checkpoint_dir=_checkpoint_dir(cfg), checkpoint_every=cfg.checkpoint_every,
-                  oom_retry=cfg.oom_retry)
+                  oom_retry=cfg.oom_retry, fast={"off": False, "on": True, "autotune": "autotune"}[cfg.fast])
     with _blame("--model", data=cfg.data):
         if cfg.method == "grad":
-            fast = {"off": False, "on": True, "autotune": "autotune"}[cfg.fast]
-            solver = UPIGrad(model, eps, epochs=cfg.epochs, fast=fast, **common)
+            solver = UPIGrad(model, eps, epochs=cfg.epochs, **common)
         else:
             solver = UPIPCA(model, eps, solver=cfg.solver,
                             plus_lambda=cfg.plus_lambda if cfg.method == "pca+" else None, **common)
@@ -286,7 +283,7 @@ def _compute(cfg: ComputeConfig, comm: Comm, log) -> dict:
             "std": list(cfg.std) if cfg.std else None, "saliency": cfg.saliency, "target_kind": cfg.target_kind,
             "hvp": cfg.hvp, "seed": cfg.seed, "attack_samples": len(att_idx), "data": os.path.abspath(cfg.data),
             "precision": cfg.precision, "processes": comm.world,
-            "fast": cfg.fast if cfg.method == "grad" else "off"}
+            "fast": cfg.fast}
     path = os.path.join(cfg.out, "upi.safetensors")
     if comm.is_main:
         with _blame("--out", ()):

@@ -20,8 +20,9 @@ from ..hvp import _loss_grad
 from ..projection import project, random_in_ball, steepest_step
 from ._batches import CleanBatches, batch_noise
 from ._common import (DataLike, FastLike, SurrogateLike, autocast_factory, autograd_errors, check_common,
-                      check_fast, check_flag, check_hvp, check_precision, default_noise_std, make_spec, resolve_device, spec_fields,
-                      surrogate_context)
+                      check_fast, check_flag, check_hvp, check_precision, default_noise_std, make_spec, resolve_device,
+                      spec_fields, surrogate_context)
+from ._fast import FastSteps
 from ._microbatch import MicroBatcher
 from ._state import RunCheckpoints, check_checkpoint_args
 
@@ -77,8 +78,9 @@ class UPIGrad:
             ``True``: a :class:`~upi_fast.accel.FastStep` (BatchNorm folded, frozen copy of the
             model, lean step; with ``target_kind="prob"``, ``hvp="double_backward"`` becomes
             ``"auto"``, which picks the exact piecewise-linear HVP on ReLU / max-pool networks and
-            keeps double backward otherwise, so the gradient is the same to float32 rounding). ``"autotune"``: the fastest of a few equivalent layouts,
-            timed on the first batch (:func:`~upi_fast.accel.autotune_step`; a few seconds).
+            keeps double backward otherwise, so the gradient is the same to float32 rounding).
+            ``"autotune"``: the fastest of a few equivalent layouts, timed on the first batch
+            (:func:`~upi_fast.accel.autotune_step`; a few seconds).
             A dict: :class:`~upi_fast.accel.FastStep` options (e.g. ``{"channels_last": True}``,
             ``{"compile": True}`` with a finite-difference ``hvp``, ``{"cuda_graph": True}``).
             The caller's model is never modified. Measured gains: ``bench/RESULTS.md``.
@@ -168,10 +170,8 @@ class UPIGrad:
             gen = torch.Generator(device=device).manual_seed(self.seed)
             delta = random_in_ball(shape, self.eps, self.norm, generator=gen, device=device)
             st = _GradState(delta, _Adam(delta) if self.optimizer == "adam" else None, gen)
-            self.step_ = None
-            if self.fast is not False:
-                with surrogate_context(self.model, self.surrogate):  # the prepared copy keeps the surrogate
-                    self.step_ = self._make_fast_step() if self.fast != "autotune" else None
+            self._fast = None if self.fast is False else FastSteps(self.fast, self.model, self.spec, self.hvp,
+                                                                   self.precision, self.fd_step, self.surrogate)
             if resume:
                 st.restore(ckpt.restore(), device)
             total = self.epochs * stream.batches_per_epoch
@@ -193,6 +193,7 @@ class UPIGrad:
         self.n_samples_ = stream.n_correct if stream.kind == "cached" else st.epoch_correct
         self.n_steps_ = len(st.history)
         self.micro_batch_ = micro.limit
+        self.step_ = None if self._fast is None else self._fast.step
         self.fit_time_ = time.perf_counter() - t0
         return self
 
@@ -243,29 +244,9 @@ class UPIGrad:
                              "use precision='fp32' or a smaller eps / noise_std")
         return float(buf[d]) / batch.n_global, buf[:d].reshape(delta.shape).to(delta.dtype)
 
-    def _fast_options(self) -> dict:
-        # double backward -> auto only where auto is exact: with a logit target it may pick finite differences
-        upgrade = self.hvp == "double_backward" and self.target_kind == "prob"
-        options = {"hvp": "auto" if upgrade else self.hvp, "precision": self.precision,
-                   "fd_step": self.fd_step, "validate": False}
-        if isinstance(self.fast, dict):
-            options.update(self.fast)
-        return options
-
-    def _make_fast_step(self):
-        from ..accel import FastStep
-        return FastStep(self.model, self.spec, **self._fast_options())
-
     def _objective_grad(self, x_eval, y, I_ref, delta, generator, autocast, x_clean):
-        if self.fast is not False:
-            if self.step_ is None:  # fast="autotune": tuned on the first batch
-                from ..accel import autotune_step
-                with surrogate_context(self.model, self.surrogate), autograd_errors(self.hvp):
-                    self.step_ = autotune_step(self.model, x_eval, y, I_ref, delta.to(x_eval.dtype), self.spec,
-                                               **self._fast_options())
-            # the prepared copy holds the swapped nn.ReLU modules; functional relu calls need the context
-            with autograd_errors(self.hvp), surrogate_context(self.model, self.surrogate):
-                loss, grad = self.step_(x_eval, y, I_ref, delta.to(x_eval.dtype), generator)
+        if self._fast is not None:
+            loss, grad = self._fast(x_eval, y, I_ref, delta.to(x_eval.dtype), generator)
         else:
             with autograd_errors(self.hvp), surrogate_context(self.model, self.surrogate), autocast():
                 loss, grad = _loss_grad(self.model, x_eval, y, I_ref, delta.to(x_eval.dtype), self.spec, self.hvp,

@@ -29,9 +29,10 @@ from ..hvp import _loss_grad
 from ..saliency import postprocess_maps, raw_gradient
 from ._accumulators import SOLVERS, make_accumulator, pca_plus_direction, resolve_solver
 from ._batches import CleanBatches, batch_noise
-from ._common import (DataLike, SurrogateLike, autocast_factory, autograd_errors, check_common, check_flag,
-                      check_hvp, check_precision, default_noise_std, make_spec, resolve_device, spec_fields,
+from ._common import (DataLike, FastLike, SurrogateLike, autocast_factory, autograd_errors, check_common,
+                      check_fast, check_flag, check_hvp, check_precision, default_noise_std, make_spec, resolve_device, spec_fields,
                       surrogate_context)
+from ._fast import FastSteps
 from ._microbatch import MicroBatcher
 from ._state import RunCheckpoints, check_checkpoint_args
 
@@ -72,6 +73,9 @@ class UPIPCA:
         precision: as :class:`UPIGrad` (rows and sketches stay float32).
         oom_retry: as :class:`UPIGrad`: on running out of device memory, compute the rows of a batch
             in micro-batches of half the size (the rows are per sample, so nothing changes).
+        fast: the per-sample directions through the prepared step of :mod:`upi_fast.accel` (as
+            :class:`UPIGrad`'s ``fast``: ``True``, ``"autotune"`` or a dict of FastStep options; the
+            same rows to float32 rounding).
 
     Distributed: ``"sketch"`` and ``"exact"`` give the single-process result to rounding;
     ``"frequent_directions"`` merges the processes' sketches (valid, not bit-equal);
@@ -83,6 +87,7 @@ class UPIPCA:
         of the PCA+ eigenvector (None otherwise); eigenvalue_: theta (PCA+). n_samples_: rows used
         per round. sign_scores_: mean attack-split dissimilarity for s = +1 and -1. fit_time_.
         micro_batch_: the micro-batch size ``oom_retry`` settled on (None: batches were never split).
+        step_: the :class:`~upi_fast.accel.FastStep` used for the directions (None unless ``fast``).
     """
 
     def __init__(self, model: ModelLike, eps: float, norm: NormLike = 2, saliency: str = "simple",
@@ -93,8 +98,10 @@ class UPIPCA:
                  fd_step: float = 1e-2, n_components: int = 1, memory_budget: int = 2 * 2**30,
                  spill_dir: str | None = None, sketch_kwargs: dict | None = None,
                  checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
-                 precision: str = "fp32", oom_retry: bool = False) -> None:
+                 precision: str = "fp32", oom_retry: bool = False, fast: FastLike = False) -> None:
         check_model(model)
+        self.fast = check_fast(fast, model)
+        self._fast = None
         self.oom_retry = check_flag("oom_retry", oom_retry)
         self._micro = MicroBatcher(oom_retry, batch_size)
         self.norm = check_common(eps, norm, batch_size, seed)
@@ -130,9 +137,12 @@ class UPIPCA:
         def part(lo: int, hi: int) -> torch.Tensor:
             b = hi - lo
             per = delta_prev.to(x_eval.dtype).expand(b, *delta_prev.shape).contiguous()
-            with autograd_errors(self.hvp), surrogate_context(self.model, self.surrogate), self._autocast():
-                _, g = _loss_grad(self.model, x_eval[lo:hi], y[lo:hi], I_ref[lo:hi], per, self.spec, self.hvp, 0.0,
-                                  sg_gen, self.fd_step)
+            if self._fast is not None:
+                _, g = self._fast(x_eval[lo:hi], y[lo:hi], I_ref[lo:hi], per, sg_gen)
+            else:
+                with autograd_errors(self.hvp), surrogate_context(self.model, self.surrogate), self._autocast():
+                    _, g = _loss_grad(self.model, x_eval[lo:hi], y[lo:hi], I_ref[lo:hi], per, self.spec, self.hvp,
+                                      0.0, sg_gen, self.fd_step)
             return (g * b).reshape(b, -1)
 
         return _joined(self._micro.run(part, x_eval.shape[0], "the attack directions", generators=(sg_gen,)))
@@ -204,6 +214,7 @@ class UPIPCA:
                 "rounds": self.rounds, "batch_size": self.batch_size, "seed": self.seed, "hvp": self.hvp,
                 "surrogate": self.surrogate, "fd_step": self.fd_step, "n_components": self.n_components,
                 "sketch_kwargs": self.sketch_kwargs, "precision": self.precision,
+                "fast": self.fast if not isinstance(self.fast, dict) else sorted(self.fast.items()),
                 "data": {"kind": stream.kind, "input_shape": stream.input_shape,
                          "batches_per_epoch": stream.batches_per_epoch}}
 
@@ -256,9 +267,13 @@ class UPIPCA:
         self._micro = MicroBatcher(self.oom_retry, self.batch_size, device)
         try:
             with eval_mode(self.model):
+                self._fast = None if self.fast is False else FastSteps(self.fast, self.model, self.spec, self.hvp,
+                                                                       self.precision, self.fd_step, self.surrogate)
                 self._fit(data, resume, comm, device)
+            self.step_ = None if self._fast is None else self._fast.step
         finally:
             self._autocast = contextlib.nullcontext
+            self._fast = None
         self.micro_batch_ = self._micro.limit
         self.fit_time_ = time.perf_counter() - t0
         return self

@@ -1,0 +1,51 @@
+"""The solvers' ``fast`` option: their attack steps through :class:`upi_fast.accel.FastStep`.
+
+One object per fit: built at the start of ``fit`` (or, with ``fast="autotune"``, tuned on the first
+batch), called with the same arguments as the reference ``_loss_grad`` minus the spec and mode.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..hvp import SaliencySpec
+from ._common import autograd_errors, surrogate_context
+
+__all__ = ["FastSteps"]
+
+
+class FastSteps:
+    """Holds the prepared step of one fit.
+
+    Args:
+        fast: the solver's validated ``fast`` (True, ``"autotune"`` or a dict of FastStep options).
+        model, spec, hvp, precision, fd_step, surrogate: the solver's.
+
+    With ``spec.target_kind == "prob"``, ``hvp="double_backward"`` becomes ``"auto"`` (exact: the
+    piecewise-linear HVP where it applies, double backward otherwise); with a logit target ``auto``
+    could pick finite differences, so the mode is kept.
+    """
+
+    def __init__(self, fast, model, spec: SaliencySpec, hvp: str, precision: str, fd_step: float,
+                 surrogate) -> None:
+        self.fast, self.model, self.spec, self.hvp = fast, model, spec, hvp
+        self.surrogate = surrogate
+        upgrade = hvp == "double_backward" and spec.target_kind == "prob"
+        self.options = {"hvp": "auto" if upgrade else hvp, "precision": precision, "fd_step": fd_step,
+                        "validate": False}
+        if isinstance(fast, dict):
+            self.options.update(fast)
+        self.step = None
+        if fast != "autotune":
+            from ..accel import FastStep
+            with surrogate_context(model, surrogate):  # the prepared copy keeps the swapped ReLU modules
+                self.step = FastStep(model, spec, **self.options)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, I_ref: torch.Tensor, delta: torch.Tensor,
+                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss (B,), grad)`` as :func:`upi_fast.saliency_loss_grad` (``x`` already noised)."""
+        # functional relu calls inside forward need the surrogate context at every call
+        with autograd_errors(self.hvp), surrogate_context(self.model, self.surrogate):
+            if self.step is None:  # fast="autotune": tuned on the first batch
+                from ..accel import autotune_step
+                self.step = autotune_step(self.model, x, y, I_ref, delta, self.spec, **self.options)
+            return self.step(x, y, I_ref, delta, generator)
