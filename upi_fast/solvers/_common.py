@@ -148,7 +148,8 @@ def check_fast(fast, model) -> bool | str | dict:
                 raise ValueError(f"fast: {key!r} is set by the solver" + (f"; pass UPIGrad({own}=...) instead"
                                                                            if own else ""))
             if key not in allowed:
-                raise ValueError(f"fast: unknown FastStep option {key!r}; expected one of {sorted(allowed - set(_FAST_OWN))}")
+                raise ValueError(f"fast: unknown FastStep option {key!r}; "
+                                 f"expected one of {sorted(allowed - set(_FAST_OWN))}")
         return dict(fast)
     return fast
 

@@ -10,7 +10,7 @@ import torch
 from ..hvp import SaliencySpec
 from ._common import autograd_errors, surrogate_context
 
-__all__ = ["FastSteps"]
+__all__ = ["FastSteps", "fast_config"]
 
 
 class FastSteps:
@@ -27,8 +27,7 @@ class FastSteps:
 
     def __init__(self, fast, model, spec: SaliencySpec, hvp: str, precision: str, fd_step: float,
                  surrogate) -> None:
-        self.fast, self.model, self.spec, self.hvp = fast, model, spec, hvp
-        self.surrogate = surrogate
+        self.model, self.spec, self.hvp, self.surrogate = model, spec, hvp, surrogate
         upgrade = hvp == "double_backward" and spec.target_kind == "prob"
         self.options = {"hvp": "auto" if upgrade else hvp, "precision": precision, "fd_step": fd_step,
                         "validate": False}
@@ -40,6 +39,15 @@ class FastSteps:
             with surrogate_context(model, surrogate):  # the prepared copy keeps the swapped ReLU modules
                 self.step = FastStep(model, spec, **self.options)
 
+    @classmethod
+    def for_solver(cls, solver) -> "FastSteps | None":
+        """The step for a solver's ``fit`` (its ``fast``, ``model``, ``spec``, ``hvp``, ``precision``,
+        ``fd_step`` and ``surrogate``), or None when ``fast`` is off."""
+        if solver.fast is False:
+            return None
+        return cls(solver.fast, solver.model, solver.spec, solver.hvp, solver.precision, solver.fd_step,
+                   solver.surrogate)
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor, I_ref: torch.Tensor, delta: torch.Tensor,
                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss (B,), grad)`` as :func:`upi_fast.saliency_loss_grad` (``x`` already noised)."""
@@ -49,3 +57,8 @@ class FastSteps:
                 from ..accel import autotune_step
                 self.step = autotune_step(self.model, x, y, I_ref, delta, self.spec, **self.options)
             return self.step(x, y, I_ref, delta, generator)
+
+
+def fast_config(fast) -> bool | str | list:
+    """``fast`` as it goes into a checkpoint's configuration (a dict as its sorted items)."""
+    return sorted(fast.items()) if isinstance(fast, dict) else fast

@@ -17,6 +17,12 @@ def _normalize(rows: torch.Tensor) -> torch.Tensor:
     return torch.where(n > 0, rows / n.clamp_min(1e-30), torch.zeros_like(rows))
 
 
+def _split_state(st: dict) -> tuple[dict, dict]:
+    """A sketch's ``state_dict`` as ``(tensors on the CPU, everything else)`` for a checkpoint."""
+    return ({k: v.cpu() for k, v in st.items() if isinstance(v, torch.Tensor)},
+            {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)})
+
+
 class SketchRows:
     """Single pass: :class:`~upi_fast.linalg.StreamingSketch` (linear: processes' sketches of disjoint
     global rows are summed, :func:`upi_fast.distributed.merge_sketch`)."""
@@ -34,9 +40,7 @@ class SketchRows:
         merge_sketch(self.sketch, comm)
 
     def state(self) -> tuple[dict, dict]:
-        st = self.sketch.state_dict()
-        return ({k: v.cpu() for k, v in st.items() if isinstance(v, torch.Tensor)},
-                {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)})
+        return _split_state(self.sketch.state_dict())
 
     def load(self, tensors: dict, meta: dict) -> None:
         self.sketch.load_state_dict({**meta, **tensors})
@@ -76,9 +80,7 @@ class FDRows:
         self.fd = merged
 
     def state(self) -> tuple[dict, dict]:
-        st = self.fd.state_dict()
-        return ({k: v.cpu() for k, v in st.items() if isinstance(v, torch.Tensor)},
-                {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)})
+        return _split_state(self.fd.state_dict())
 
     def load(self, tensors: dict, meta: dict) -> None:
         self.fd.load_state_dict({**meta, **tensors})

@@ -22,7 +22,7 @@ from ._batches import CleanBatches, batch_noise
 from ._common import (DataLike, FastLike, SurrogateLike, autocast_factory, autograd_errors, check_common,
                       check_fast, check_flag, check_hvp, check_precision, default_noise_std, make_spec, resolve_device,
                       spec_fields, surrogate_context)
-from ._fast import FastSteps
+from ._fast import FastSteps, fast_config
 from ._microbatch import MicroBatcher
 from ._state import RunCheckpoints, check_checkpoint_args
 
@@ -170,8 +170,7 @@ class UPIGrad:
             gen = torch.Generator(device=device).manual_seed(self.seed)
             delta = random_in_ball(shape, self.eps, self.norm, generator=gen, device=device)
             st = _GradState(delta, _Adam(delta) if self.optimizer == "adam" else None, gen)
-            self._fast = None if self.fast is False else FastSteps(self.fast, self.model, self.spec, self.hvp,
-                                                                   self.precision, self.fd_step, self.surrogate)
+            self._fast = FastSteps.for_solver(self)
             if resume:
                 st.restore(ckpt.restore(), device)
             total = self.epochs * stream.batches_per_epoch
@@ -205,7 +204,7 @@ class UPIGrad:
                 "noise_std": self.noise_std, "hvp": self.hvp, "surrogate": self.surrogate,
                 "preserve_labels": self.preserve_labels, "seed": self.seed, "fd_step": self.fd_step,
                 "lr_schedule": self.lr_schedule, "precision": self.precision,
-                "fast": self.fast if not isinstance(self.fast, dict) else sorted(self.fast.items()),
+                "fast": fast_config(self.fast),
                 "data": {"kind": stream.kind, "input_shape": stream.input_shape,
                          "batches_per_epoch": stream.batches_per_epoch}}
 

@@ -30,9 +30,9 @@ from ..saliency import postprocess_maps, raw_gradient
 from ._accumulators import SOLVERS, make_accumulator, pca_plus_direction, resolve_solver
 from ._batches import CleanBatches, batch_noise
 from ._common import (DataLike, FastLike, SurrogateLike, autocast_factory, autograd_errors, check_common,
-                      check_fast, check_flag, check_hvp, check_precision, default_noise_std, make_spec, resolve_device, spec_fields,
-                      surrogate_context)
-from ._fast import FastSteps
+                      check_fast, check_flag, check_hvp, check_precision, default_noise_std, make_spec, resolve_device,
+                      spec_fields, surrogate_context)
+from ._fast import FastSteps, fast_config
 from ._microbatch import MicroBatcher
 from ._state import RunCheckpoints, check_checkpoint_args
 
@@ -214,7 +214,7 @@ class UPIPCA:
                 "rounds": self.rounds, "batch_size": self.batch_size, "seed": self.seed, "hvp": self.hvp,
                 "surrogate": self.surrogate, "fd_step": self.fd_step, "n_components": self.n_components,
                 "sketch_kwargs": self.sketch_kwargs, "precision": self.precision,
-                "fast": self.fast if not isinstance(self.fast, dict) else sorted(self.fast.items()),
+                "fast": fast_config(self.fast),
                 "data": {"kind": stream.kind, "input_shape": stream.input_shape,
                          "batches_per_epoch": stream.batches_per_epoch}}
 
@@ -267,8 +267,7 @@ class UPIPCA:
         self._micro = MicroBatcher(self.oom_retry, self.batch_size, device)
         try:
             with eval_mode(self.model):
-                self._fast = None if self.fast is False else FastSteps(self.fast, self.model, self.spec, self.hvp,
-                                                                       self.precision, self.fd_step, self.surrogate)
+                self._fast = FastSteps.for_solver(self)
                 self._fit(data, resume, comm, device)
             self.step_ = None if self._fast is None else self._fast.step
         finally:
