@@ -42,6 +42,15 @@
 #ifndef UPI_FAST_CUDA_ARCHS
 #define UPI_FAST_CUDA_ARCHS unknown
 #endif
+// Where the kernels are registered. The emulated build (tests only, csrc/emulate/) compiles this
+// file unchanged but for these two: its own namespace (its schemas are copies of upi_fast's), and
+// CompositeExplicitAutograd, so that tensors of any device reach the host code's device checks.
+#ifndef UPI_FAST_OPS_NAMESPACE
+#define UPI_FAST_OPS_NAMESPACE upi_fast
+#endif
+#ifndef UPI_FAST_DISPATCH_KEY
+#define UPI_FAST_DISPATCH_KEY CUDA
+#endif
 
 #define UPI_STR2(...) #__VA_ARGS__
 #define UPI_STR(...) UPI_STR2(__VA_ARGS__)
@@ -129,8 +138,8 @@ void register_once() {
   auto& lib = cuda_library();
   if (lib) return;
   try {
-    lib = std::make_unique<torch::Library>(torch::Library::IMPL, "upi_fast", c10::DispatchKey::CUDA, __FILE__,
-                                           __LINE__);
+    lib = std::make_unique<torch::Library>(torch::Library::IMPL, UPI_STR(UPI_FAST_OPS_NAMESPACE),
+                                           c10::DispatchKey::UPI_FAST_DISPATCH_KEY, __FILE__, __LINE__);
     register_cuda_kernels(*lib);
   } catch (const std::exception& e) {
     lib.reset();  // undo the registrations made before the failure

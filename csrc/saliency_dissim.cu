@@ -22,7 +22,7 @@
 // when N is a multiple of the vector width and the pointers are aligned.
 #include "upi_fast.h"
 
-#if !defined(UPI_FAST_EMULATE) && !defined(__CUDA_ARCH__)
+#if !defined(__CUDA_ARCH__)
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -273,14 +273,14 @@ void saliency_dissim_raw(const scalar_t* g, const scalar_t* ref, scalar_t* loss,
   const bool vec = N % V == 0 && is_aligned(g, 16) && is_aligned(ref, 16) && is_aligned(S, 16) &&
                    (grad == nullptr || is_aligned(grad, 16));
   const dim3 blocks(static_cast<unsigned>(B * pl.nchunk));
-  auto* k1 = &saliency_map_kernel<scalar_t>;
-  UPI_LAUNCH(k1, blocks, dim3(kSalThreads), stream, g, S, part1, C, N, pl.chunk, pl.nchunk, vec);
-  auto* k2 = &saliency_stats_kernel<scalar_t>;
-  UPI_LAUNCH(k2, blocks, dim3(kSalThreads), stream, S, ref, part1, part2, N, pl.chunk, pl.nchunk);
+  auto* saliency_map = &saliency_map_kernel<scalar_t>;
+  UPI_LAUNCH(saliency_map, blocks, dim3(kSalThreads), stream, g, S, part1, C, N, pl.chunk, pl.nchunk, vec);
+  auto* saliency_stats = &saliency_stats_kernel<scalar_t>;
+  UPI_LAUNCH(saliency_stats, blocks, dim3(kSalThreads), stream, S, ref, part1, part2, N, pl.chunk, pl.nchunk);
   const int64_t grid_chunks = grad != nullptr ? pl.nchunk : 1;
-  auto* k3 = &saliency_grad_kernel<scalar_t>;
-  UPI_LAUNCH(k3, dim3(static_cast<unsigned>(B * grid_chunks)), dim3(kSalThreads), stream, g, S, ref, part1, part2,
-             loss, grad, C, N, pl.chunk, pl.nchunk, grid_chunks, kind, vec);
+  auto* saliency_grad = &saliency_grad_kernel<scalar_t>;
+  UPI_LAUNCH(saliency_grad, dim3(static_cast<unsigned>(B * grid_chunks)), dim3(kSalThreads), stream, g, S, ref,
+             part1, part2, loss, grad, C, N, pl.chunk, pl.nchunk, grid_chunks, kind, vec);
 }
 
 // Every instantiation the tensor wrapper uses (the device passes do not see the wrapper).
@@ -289,13 +289,14 @@ template void saliency_dissim_raw<float>(const float*, const float*, float*, flo
 template void saliency_dissim_raw<double>(const double*, const double*, double*, double*, double*, int64_t, int64_t,
                                           int64_t, int, int, stream_t);
 
-#if !defined(UPI_FAST_EMULATE) && !defined(__CUDA_ARCH__)
+#if !defined(__CUDA_ARCH__)
 
 std::tuple<at::Tensor, at::Tensor> saliency_dissim_cuda(const at::Tensor& g_in, const at::Tensor& ref_in,
                                                         c10::string_view kind_name, bool compute_grad) {
   TORCH_CHECK(g_in.defined() && g_in.dim() == 4, "upi_fast::saliency_dissim: g must be a (B, C, H, W) tensor, got ",
               g_in.defined() ? g_in.sizes() : at::IntArrayRef{});
-  TORCH_CHECK(g_in.is_cuda(), "upi_fast::saliency_dissim: g must be a CUDA tensor, got device ", g_in.device());
+  TORCH_CHECK(is_device_tensor(g_in), "upi_fast::saliency_dissim: g must be a CUDA tensor, got device ",
+              g_in.device());
   TORCH_CHECK(g_in.scalar_type() == at::kFloat || g_in.scalar_type() == at::kDouble,
               "upi_fast::saliency_dissim: g must be float32 or float64, got ", g_in.scalar_type());
   const int64_t B = g_in.size(0), C = g_in.size(1), N = g_in.size(2) * g_in.size(3);
@@ -343,6 +344,6 @@ std::tuple<at::Tensor, at::Tensor> saliency_dissim_cuda(const at::Tensor& g_in, 
   return {loss, grad};
 }
 
-#endif  // !UPI_FAST_EMULATE && !__CUDA_ARCH__
+#endif  // !__CUDA_ARCH__
 
 }  // namespace upi_fast

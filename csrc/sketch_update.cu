@@ -20,7 +20,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#if !defined(UPI_FAST_EMULATE) && !defined(__CUDA_ARCH__)
+#if !defined(__CUDA_ARCH__)
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
@@ -127,16 +127,16 @@ void sketch_update_raw(w_t* W, const a_t* A, w_t* inv_workspace, int64_t k, int6
     int64_t blocks = b;
     const int64_t max_blocks = static_cast<int64_t>(sm_count > 0 ? sm_count : 1) * 16;
     if (blocks > max_blocks) blocks = max_blocks;
-    auto* kn = &row_inverse_norm_kernel<w_t, a_t>;
-    UPI_LAUNCH(kn, dim3(static_cast<unsigned>(blocks)), dim3(kNormThreads), stream, A, b, d, inv_workspace);
+    auto* row_norms = &row_inverse_norm_kernel<w_t, a_t>;
+    UPI_LAUNCH(row_norms, dim3(static_cast<unsigned>(blocks)), dim3(kNormThreads), stream, A, b, d, inv_workspace);
     inv = inv_workspace;
   }
   const int64_t cols_per_block = static_cast<int64_t>(kSkThreads) * kSkCols;
   const int64_t col_tiles = (d + cols_per_block - 1) / cols_per_block;
   const int64_t row_tiles = (k + kSkRowsW - 1) / kSkRowsW;
-  auto* ku = &sketch_update_kernel<w_t, a_t>;
-  UPI_LAUNCH(ku, dim3(static_cast<unsigned>(col_tiles * row_tiles)), dim3(kSkThreads), stream, W, A, inv, k, b, d,
-             col_tiles, key, static_cast<uint32_t>(row_offset));
+  auto* sketch_update_tiles = &sketch_update_kernel<w_t, a_t>;
+  UPI_LAUNCH(sketch_update_tiles, dim3(static_cast<unsigned>(col_tiles * row_tiles)), dim3(kSkThreads), stream, W,
+             A, inv, k, b, d, col_tiles, key, static_cast<uint32_t>(row_offset));
 }
 
 // Every instantiation the tensor wrapper uses (the device passes do not see the wrapper).
@@ -153,12 +153,13 @@ UPI_SKETCH_INSTANTIATE(double, c10::Half)
 UPI_SKETCH_INSTANTIATE(double, c10::BFloat16)
 #undef UPI_SKETCH_INSTANTIATE
 
-#if !defined(UPI_FAST_EMULATE) && !defined(__CUDA_ARCH__)
+#if !defined(__CUDA_ARCH__)
 
 void sketch_update_cuda(at::Tensor& W, const at::Tensor& A_in, int64_t row_offset, int64_t seed, bool normalize) {
   TORCH_CHECK(W.defined() && W.dim() == 2, "upi_fast::sketch_update: W must be a 2-D (k, d) tensor, got ",
               W.defined() ? W.sizes() : at::IntArrayRef{});
-  TORCH_CHECK(W.is_cuda(), "upi_fast::sketch_update: W must be a CUDA tensor, got device ", W.device());
+  TORCH_CHECK(is_device_tensor(W), "upi_fast::sketch_update: W must be a CUDA tensor, got device ",
+              W.device());
   TORCH_CHECK(W.scalar_type() == at::kFloat || W.scalar_type() == at::kDouble,
               "upi_fast::sketch_update: W must be float32 or float64, got ", W.scalar_type());
   TORCH_CHECK(W.is_contiguous(), "upi_fast::sketch_update: W must be contiguous (it is updated in place)");
@@ -193,6 +194,6 @@ void sketch_update_cuda(at::Tensor& W, const at::Tensor& A_in, int64_t row_offse
   });
 }
 
-#endif  // !UPI_FAST_EMULATE && !__CUDA_ARCH__
+#endif  // !__CUDA_ARCH__
 
 }  // namespace upi_fast

@@ -20,7 +20,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#if !defined(UPI_FAST_EMULATE) && !defined(__CUDA_ARCH__)
+#if !defined(__CUDA_ARCH__)
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -138,8 +138,8 @@ void launch_elementwise(const ElementwisePtrs<scalar_t, NI, NO>& p, int64_t n, O
   const int64_t max_blocks = static_cast<int64_t>(sm_count > 0 ? sm_count : 1) * 8;
   int64_t blocks = (items + kSoftplusThreads - 1) / kSoftplusThreads;
   if (blocks > max_blocks) blocks = max_blocks;
-  auto* kernel = &elementwise_kernel<scalar_t, NI, NO, Op>;
-  UPI_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kSoftplusThreads), stream, p, n, vec, op);
+  auto* softplus_elementwise = &elementwise_kernel<scalar_t, NI, NO, Op>;
+  UPI_LAUNCH(softplus_elementwise, dim3(static_cast<unsigned>(blocks)), dim3(kSoftplusThreads), stream, p, n, vec, op);
 }
 
 /// Raw entry points (also used by the host emulation tests).
@@ -179,7 +179,7 @@ UPI_SOFTPLUS_INSTANTIATE(c10::Half)
 UPI_SOFTPLUS_INSTANTIATE(c10::BFloat16)
 #undef UPI_SOFTPLUS_INSTANTIATE
 
-#if !defined(UPI_FAST_EMULATE) && !defined(__CUDA_ARCH__)
+#if !defined(__CUDA_ARCH__)
 
 // ---------------------------------------------------------------------------------------------
 // Helpers shared by the three translation units.
@@ -236,7 +236,8 @@ namespace {
 
 void check_input(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.defined(), "upi_fast::", op, ": ", name, " is undefined");
-  TORCH_CHECK(t.is_cuda(), "upi_fast::", op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(is_device_tensor(t), "upi_fast::", op, ": ", name, " must be a CUDA tensor, got device ",
+              t.device());
   const auto dt = t.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, "upi_fast::", op,
               ": ", name, " must be float32, float64, float16 or bfloat16, got ", dt);
@@ -320,6 +321,6 @@ std::tuple<at::Tensor, at::Tensor> softplus_double_backward_cuda(const at::Tenso
   return {grad_grad_y, grad_x};
 }
 
-#endif  // !UPI_FAST_EMULATE && !__CUDA_ARCH__
+#endif  // !__CUDA_ARCH__
 
 }  // namespace upi_fast

@@ -7,8 +7,11 @@
 //      (declared here, defined in one .cu per op family, registered in register.cpp);
 //   3. build information compiled into the CUDA translation units.
 //
-// With UPI_FAST_EMULATE defined (tests only: csrc/emulate/) the kernels compile as plain C++ and run
-// on the host under a thread-per-CUDA-thread emulator; the torch-facing parts are left out.
+// With UPI_FAST_EMULATE defined (tests only: csrc/emulate/) the same sources compile as plain C++
+// (g++): the kernels run on the host under a thread-per-CUDA-thread emulator, and the host code (the
+// tensor entry points, launch checks, device queries) runs unchanged against the emulator's CUDA
+// runtime, on CPU tensors. The only differences from the CUDA build are here: the kernel qualifiers,
+// the launch syntax (UPI_KERNEL_CALL) and which tensors count as device tensors (is_device_tensor).
 #pragma once
 
 #include <cstdint>
@@ -19,7 +22,7 @@
 #define UPI_HD inline
 #define UPI_D inline
 #define UPI_GLOBAL
-namespace upi_fast { using stream_t = void*; }
+namespace upi_fast { using stream_t = cudaStream_t; }
 #elif defined(__CUDACC__)
 #include <cuda_runtime.h>
 #define UPI_HD __host__ __device__ __forceinline__
@@ -142,21 +145,27 @@ UPI_D void block_sum(T (&v)[NV], T* smem) {
 
 // ---------------------------------------------------------------------------------------------
 // Kernel launch: ``UPI_LAUNCH(kernel_pointer, grid, block, stream, args...)``; a launch error
-// throws with the kernel name (and a rebuild hint when the binary has no image for the device).
+// throws with the kernel pointer's name (and a rebuild hint when the binary has no image for the
+// device). The pointer variable's name is what error messages show: name it after the kernel.
 // ---------------------------------------------------------------------------------------------
-#if defined(UPI_FAST_EMULATE)
-#define UPI_LAUNCH(kernel, grid, block, stream, ...) ::upi_emu::launch(kernel, grid, block, __VA_ARGS__)
-#elif defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(UPI_FAST_EMULATE)
 namespace upi_fast {
 /// Throws (c10::Error) if the last launch failed; defined in softplus.cu.
 void check_launch(const char* kernel_name);
 /// Number of streaming multiprocessors of the current device (cached per device); softplus.cu.
 int multiprocessor_count();
 }  // namespace upi_fast
-#define UPI_LAUNCH(kernel, grid, block, stream, ...)          \
-  do {                                                          \
-    kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__);      \
-    ::upi_fast::check_launch(#kernel);                          \
+#if defined(UPI_FAST_EMULATE)
+#define UPI_KERNEL_CALL(kernel, grid, block, smem, stream, ...) \
+  ::upi_emu::launch(#kernel, kernel, (grid), (block), (smem), (stream), __VA_ARGS__)
+#else
+#define UPI_KERNEL_CALL(kernel, grid, block, smem, stream, ...) \
+  kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#endif
+#define UPI_LAUNCH(kernel, grid, block, stream, ...)                \
+  do {                                                                \
+    UPI_KERNEL_CALL(kernel, grid, block, 0, stream, __VA_ARGS__);     \
+    ::upi_fast::check_launch(#kernel);                                \
   } while (0)
 #endif
 
@@ -173,12 +182,23 @@ int multiprocessor_count();
 // wrappers, which cuts the build time of each .cu by about a quarter. The device passes therefore
 // see the kernels only through the raw launchers each .cu instantiates explicitly: every
 // instantiation a wrapper calls must be in that list (the GPU tests cover every dtype).
-#if !defined(UPI_FAST_EMULATE) && !defined(__CUDA_ARCH__)
+// Under UPI_FAST_EMULATE (no __CUDA_ARCH__) the host code is compiled too.
+#if !defined(__CUDA_ARCH__)
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 #include <tuple>
 
 namespace upi_fast {
+
+/// Whether the kernels can read ``t``'s memory: a CUDA tensor; under the emulator, whose device
+/// memory is host memory, a CPU tensor. (Error messages say "CUDA tensor" in both builds.)
+inline bool is_device_tensor(const at::Tensor& t) {
+#if defined(UPI_FAST_EMULATE)
+  return t.is_cpu();
+#else
+  return t.is_cuda();
+#endif
+}
 
 std::tuple<at::Tensor, at::Tensor> saliency_dissim_cuda(const at::Tensor& g, const at::Tensor& ref,
                                                         c10::string_view kind, bool compute_grad);

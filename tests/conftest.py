@@ -20,6 +20,13 @@ os.environ.setdefault("UPI_FAST_CACHE", os.path.join(os.path.dirname(__file__), 
 import pytest  # noqa: E402
 
 
+def pytest_report_header(config):
+    """Which CPU kernels ATen / oneDNN use: float results depend on it (see tests/_tolerance.py)."""
+    forced = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
+    return f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}" + (
+        f" (forced: {forced})" if forced else "")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -1,7 +1,8 @@
 """upi_fast.accel: every fast path computes the reference mode's gradient.
 
 Exact paths (prepared models, layouts, static batches, kernel rewrites) agree with
-:func:`upi_fast.saliency_loss_grad` on the unprepared model to 1e-5 (relative, float32); compiled
+:func:`upi_fast.saliency_loss_grad` on the unprepared model to float32 rounding (``F32_STEP``,
+derived in tests/_tolerance.py: ~4e-5 relative; measured <= 3e-6 with AVX-512 or scalar kernels); compiled
 steps agree with the same step uncompiled to 1e-5 (float64, where the finite-difference division by
 the step does not amplify rounding); bf16 is checked for what it is: close, not exact.
 """
@@ -16,6 +17,19 @@ from upi_fast.accel import (COMPILABLE_MODES, ChannelsLastMaxPool, FastStep, Spa
                             fast_step, fold_batchnorm, prepare_model)
 from upi_fast.hvp import SaliencySpec
 
+from _tolerance import f32_rtol
+
+# float results compared between code paths: rerun by .ci/run with other CPU kernels forced
+pytestmark = pytest.mark.numerics
+
+# float32 rounding of _bn_cnn, both sides float32 (pair), norm-wise: its reductions (stem 3*5*5,
+# c1 and c2 8*3*3, fc 8*4*3, out 12 terms) once for a forward pass (F32_FORWARD), four times for a
+# saliency-loss gradient (forward, backward to the map, and the two passes of the HVP: F32_STEP).
+# Finite differences (step 1e-2 of the input norm) divide the map's rounding by the step, but the
+# map's error relative to the change is still inside: measured 4e-7 against 3e-6 for exact modes.
+_BN_CNN_TERMS = (75, 72, 72, 96, 12)
+F32_FORWARD = f32_rtol(_BN_CNN_TERMS, depth=1, pair=True, normwise=True)  # 9e-6
+F32_STEP = f32_rtol(_BN_CNN_TERMS, depth=4, pair=True, normwise=True)  # 3.7e-5
 EXACT_MODES = ("double_backward", "piecewise_linear", "forward")
 ALL_MODES = EXACT_MODES + ("finite_difference", "finite_difference_onesided")
 
@@ -77,7 +91,7 @@ def test_fold_batchnorm_same_function_and_caller_untouched():
     assert not any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in folded.modules())
     x = torch.randn(4, 3, 15, 11)
     with torch.no_grad():
-        assert _rel(folded(x), m(x)) < 1e-6
+        assert _rel(folded(x), m(x)) < F32_FORWARD
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     # nothing foldable / not traceable: an unchanged copy
     plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
@@ -142,14 +156,16 @@ def test_fast_step_matches_reference_mode(mode):
         loss, grad = step(x, y, I_ref, delta)
         assert step.hvp_ == mode
         assert grad.shape == delta.shape and grad.dtype == torch.float32
-        assert _rel(grad, ref_grad) < 1e-5, (mode, kw)
-        assert float((loss - ref_loss).abs().max()) < 1e-5, (mode, kw)
+        assert _rel(grad, ref_grad) < F32_STEP, (mode, kw)
+        # the loss: a forward pass, the map's normalisation and the l2 distance (165 pixels)
+        assert float((loss - ref_loss).abs().max()) <= f32_rtol([*_BN_CNN_TERMS, 165, 165], pair=True) * float(
+            ref_loss.abs().max()), (mode, kw)
         assert step.setup_time_s_ is not None and step.setup_time_s_ >= 0
     # per-sample perturbations, as UPI-PCA's directions
     per = delta.expand(x.shape[0], *delta.shape).contiguous() + 0.01 * torch.randn(x.shape[0], *delta.shape)
     _, ref_per = U.saliency_loss_grad(m, x, y, I_ref, per, hvp=mode)
     _, got = FastStep(m, hvp=mode, static_batch=2)(x, y, I_ref, per)
-    assert got.shape == per.shape and _rel(got, ref_per) < 1e-5
+    assert got.shape == per.shape and _rel(got, ref_per) < F32_STEP
 
 
 def test_fast_step_auto_resolves_and_caller_model_untouched():
@@ -160,7 +176,7 @@ def test_fast_step_auto_resolves_and_caller_model_untouched():
     _, grad = step(x, y, I_ref, delta)
     assert step.hvp_ == "piecewise_linear"
     _, ref = U.saliency_loss_grad(m, x, y, I_ref, delta, hvp="double_backward")
-    assert _rel(grad, ref) < 1e-5
+    assert _rel(grad, ref) < F32_STEP
     assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
     assert all(p.requires_grad for p in m.parameters())
     assert not any(p.requires_grad for p in step.model_.parameters())
@@ -177,14 +193,14 @@ def test_fast_step_non_lean_specs_use_the_reference_code():
                                    method=spec.method, postprocess=spec.postprocess, steps=spec.steps,
                                    multiply_by_input=spec.multiply_by_input)[1]
         got = FastStep(m, spec, hvp="piecewise_linear")(x, y, I_ref, delta)[1]
-        assert _rel(got, ref) < 1e-5
+        assert _rel(got, ref) < (3 if spec.method == "integrated" else 1) * F32_STEP  # 3 gradient points
     # smoothgrad: the draws come from the caller's generator, as the solvers pass it
     I_ref = U.saliency(m, x, y)
     ref = U.saliency_loss_grad(m, x, y, I_ref, delta, hvp="piecewise_linear", method="smoothgrad",
                                smoothgrad_std=0.1, n_samples=2, generator=torch.Generator().manual_seed(5))[1]
     step = FastStep(m, SaliencySpec(method="smoothgrad", smoothgrad_std=0.1, n_samples=2), hvp="piecewise_linear")
     got = step(x, y, I_ref, delta, generator=torch.Generator().manual_seed(5))[1]
-    assert _rel(got, ref) < 1e-5
+    assert _rel(got, ref) < 2 * F32_STEP  # 2 noisy samples
 
 
 def test_compiled_first_order_step_equals_uncompiled():
@@ -232,7 +248,7 @@ def test_autotune_picks_a_candidate_and_keeps_the_result():
     assert isinstance(step, FastStep) and len(step.tuning_) == 2
     assert step.tuning_choice_ in [t["options"] for t in step.tuning_]
     _, ref = U.saliency_loss_grad(m, x, y, I_ref, delta, hvp="piecewise_linear")
-    assert _rel(step(x, y, I_ref, delta)[1], ref) < 1e-5
+    assert _rel(step(x, y, I_ref, delta)[1], ref) < F32_STEP
     bad = autotune_step(m, x, y, I_ref, delta, candidates=[{"precision": "fp16"}, {}], hvp="piecewise_linear")
     assert "error" in bad.tuning_[0] and bad.tuning_choice_ == {}
     with pytest.raises(ValueError, match="candidates"):

@@ -12,6 +12,10 @@ import torch
 import upi_fast
 import upi_fast.ops as ops
 from _models import relu_cnn
+from _tolerance import f32_rtol
+
+# float results compared between code paths: rerun by .ci/run with other CPU kernels forced
+pytestmark = pytest.mark.numerics
 
 TRITON_OPS = ("softplus", "softplus_backward", "softplus_double_backward", "saliency_dissim", "sketch_update")
 
@@ -115,7 +119,10 @@ def test_saliency_loss_grad_end_to_end_triton_matches_torch(monkeypatch, dtype):
         if backend == "torch":
             assert not any(calls.values()), f"torch backend reached Triton: {calls}"
     assert all(calls.values()), f"some ops did not run on Triton: {calls}"
-    rtol = 1e-9 if dtype == torch.float64 else 1e-4
+    # float64: to rounding (far above sqrt(n) eps64). float32: relu_cnn(2, (9, 7)) reductions (conv 2*9, conv
+    # 6*9, linear 6*9*7, linear 16) in the 4 passes of a double-backward gradient, kernels vs torch (pair):
+    # 1.3e-4 elementwise, with the tensor's scale as the absolute floor
+    rtol = 1e-9 if dtype == torch.float64 else f32_rtol([18, 54, 378, 16], depth=4, pair=True)
     for key in results:
         if key[0] != "torch":
             continue

@@ -37,6 +37,9 @@ OPS = ("saliency_dissim", "softplus", "softplus_backward", "softplus_double_back
 sys.path.insert(0, ROOT)
 import setup_cuda  # noqa: E402
 
+# float results compared between code paths: rerun by .ci/run with other CPU kernels forced
+pytestmark = pytest.mark.numerics
+
 
 # ------------------------------------------------------------------------------------------------
 # Registration and dispatch

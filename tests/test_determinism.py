@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.numerics]
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 

@@ -6,6 +6,9 @@ from upi_fast.saliency import postprocess_maps, target_scores
 
 from _models import relu_cnn, smooth_cnn
 
+# float results compared between code paths: rerun by .ci/run with other CPU kernels forced
+pytestmark = pytest.mark.numerics
+
 
 def _reference_grad(model, x, y, I_ref, delta, kind, method="simple", steps=5):
     """Per-sample loop: u_i by autograd on D, H u by torch.func.jvp(torch.func.grad(target)), float64."""

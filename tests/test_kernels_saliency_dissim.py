@@ -9,6 +9,9 @@ from upi_fast.ops.saliency_dissim import fused_saliency_loss, saliency_dissim, s
 pytest.importorskip("triton")
 from upi_fast.kernels.saliency_dissim import _flat, plan, saliency_dissim_triton  # noqa: E402
 
+# float results compared between code paths: rerun by .ci/run with other CPU kernels forced
+pytestmark = pytest.mark.numerics
+
 KINDS = ("l2", "rel_l2", "cosine")
 # (shape, path, block_n): sizes that are not multiples of the tiles. The split cases use a small
 # block_n so that several blocks per sample (and the two-stage reduction) are exercised.

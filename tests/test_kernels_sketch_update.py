@@ -9,6 +9,9 @@ from upi_fast.ops.sketch_update import rademacher_columns, sketch_update, sketch
 pytest.importorskip("triton")
 from upi_fast.kernels.sketch_update import mix32_int, plan, sketch_update_triton  # noqa: E402
 
+# float results compared between code paths: rerun by .ci/run with other CPU kernels forced
+pytestmark = pytest.mark.numerics
+
 # (row_offset, seed): the start, across 2^31 (int32 overflow), the very end of the 2^32 index range.
 OFFSETS = [(0, 1), (2**31 - 5, 2**32 - 7), (2**32 - 37, 123456789)]
 

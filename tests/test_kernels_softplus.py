@@ -13,6 +13,9 @@ pytest.importorskip("triton")
 from upi_fast.kernels.softplus import (softplus_bwd2_triton, softplus_bwd_triton,  # noqa: E402
                                        softplus_fwd_triton)
 
+# float results compared between code paths: rerun by .ci/run with other CPU kernels forced
+pytestmark = pytest.mark.numerics
+
 # 2 * 2048 + 37 elements: three programs, the last one partial.
 SHAPES = [(4133,), (3, 7, 11, 5)]
 

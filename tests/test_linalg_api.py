@@ -6,7 +6,7 @@ import upi_fast.linalg as L
 from upi_fast.linalg import PlantedRows, exact_svd, randomized_svd, top_singular_vectors
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.numerics]
 
 
 def test_public_names_exported():

@@ -6,7 +6,7 @@ from upi_fast.linalg import (FrequentDirections, PlantedRows, authors_ascent, la
                              TensorRows)
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.numerics]
 
 
 def _dense_pca_plus(G, V, lam):

@@ -11,7 +11,7 @@ import torch
 from upi_fast.linalg import FrequentDirections, PlantedRows
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.numerics]
 
 
 def _tail2(S, k):

@@ -16,7 +16,7 @@ from sklearn.utils.extmath import randomized_svd as sk_randomized_svd
 from upi_fast.linalg import CallableRows, PlantedRows, randomized_svd
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.numerics]
 
 
 def _sin(v, u):

@@ -7,7 +7,7 @@ from upi_fast.linalg import (CallableRows, MemmapRows, MemmapRowWriter, PlantedR
                              as_source, randomized_svd)
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.numerics]
 
 
 def test_tensor_rows_blocks_are_views_covering_all_rows():

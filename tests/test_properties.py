@@ -38,6 +38,9 @@ from upi_fast.ops.sketch_update import rademacher_columns, sketch_update
 from upi_fast.ops.softplus import softplus
 from upi_fast.saliency import postprocess_maps
 
+# float results compared between code paths: rerun by .ci/run with other CPU kernels forced
+pytestmark = pytest.mark.numerics
+
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TRITON = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = (torch.float32, torch.float64)

@@ -7,6 +7,9 @@ from upi_fast.saliency import raw_gradient, target_scores
 
 from _models import relu_cnn, smooth_cnn
 
+# float results compared between code paths: rerun by .ci/run with other CPU kernels forced
+pytestmark = pytest.mark.numerics
+
 
 def _loop_gradient(model, x, y, kind):
     out = []

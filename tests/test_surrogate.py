@@ -8,6 +8,9 @@ from upi_fast.ops.softplus import SoftplusSurrogate
 
 from _models import relu_cnn
 
+# float results compared between code paths: rerun by .ci/run with other CPU kernels forced
+pytestmark = pytest.mark.numerics
+
 
 class FunctionalNet(nn.Module):
     def __init__(self):

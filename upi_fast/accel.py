@@ -46,7 +46,8 @@ from torch import nn
 
 from ._checks import check_choice, check_delta, check_images, check_labels, check_maps, check_model, check_positive
 from .hvp import HVP_MODES, SaliencySpec, _loss_grad
-from .piecewise import Linearization, _ProbTarget, resolve_hvp
+from .linearization import register_linear_function
+from .piecewise import Linearization, NotPiecewiseLinearError, _ProbTarget, mark_refused, resolve_hvp
 
 __all__ = ["fold_batchnorm", "prepare_model", "FastStep", "fast_step", "autotune_step", "SpaceToDepthConv2d",
            "ChannelsLastMaxPool", "PRECISIONS", "COMPILABLE_MODES"]
@@ -233,6 +234,7 @@ class ChannelsLastMaxPool(nn.Module):
         return _Relayout.apply(self.pool(_Relayout.apply(x, torch.channels_last)), torch.contiguous_format)
 
 
+@register_linear_function  # a relayout: the identity map, its backward the same relayout
 class _Relayout(torch.autograd.Function):
     """``x.contiguous(memory_format=fmt)`` whose gradient is returned in ``x``'s own layout (a plain
     ``contiguous`` passes the gradient through in the new layout, and the next elementwise backward
@@ -550,9 +552,13 @@ class FastStep:
         t0 = time.perf_counter()
         self._resolve(x, delta)
         if not self._lean:
+            # "auto" again, so that a batch the linearisation refuses falls back to double backward
+            mode = "auto" if self.hvp == "auto" and self.hvp_ == "piecewise_linear" else self.hvp_
             with self._autocast():
                 loss, grad = _loss_grad(self.model_, self._layout(x), y, I_ref, self._layout(delta), self.spec,
-                                        self.hvp_, 0.0, generator, self.fd_step)
+                                        mode, 0.0, generator, self.fd_step)
+            if mode == "auto":
+                self.hvp_ = resolve_hvp(self.model_, self._layout((x + delta).detach()), self.spec, "auto")
             out = loss, grad
         else:
             self._setup_compile()
@@ -582,7 +588,16 @@ class FastStep:
                 xs, ys, Is = (torch.cat([t, t[pad]]) for t in (xs, ys, Is))
                 if per_sample:
                     ds = torch.cat([ds, ds[pad]])
-            loss, jtu = self._run_chunk((xs, ys, Is, ds, scale))
+            try:
+                loss, jtu = self._run_chunk((xs, ys, Is, ds, scale))
+            except NotPiecewiseLinearError as e:  # this batch left the lists: exact or refuse
+                if self.hvp != "auto":
+                    raise ValueError(f"hvp='piecewise_linear' does not apply to this model on this batch: {e}. "
+                                     "Use hvp='double_backward' (exact for any model) or hvp='auto'.") from None
+                mark_refused(self.model_, self._layout((xs + ds).detach()), str(e))
+                self.hvp_ = "double_backward"
+                self.notes_.append(f"piecewise_linear refused on a batch ({e}); using double_backward")
+                loss, jtu = self._run_chunk((xs, ys, Is, ds, scale))
             losses.append(loss[:n])
             parts.append(jtu[:n].to(x.dtype) if per_sample else jtu[:n].to(x.dtype).sum(0))
         loss = torch.cat(losses).detach()

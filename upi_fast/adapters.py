@@ -7,9 +7,10 @@ conventions so they can be handed to those libraries directly.
   faithfulness, ...): Quantus calls ``explain_func(model=..., inputs=np.ndarray (B, C, H, W),
   targets=np.ndarray (B,), **explain_func_kwargs)`` and expects a numpy array of attributions.
 * :func:`quantus_perturb_func` -- a ``perturb_func`` for Quantus-style robustness metrics that adds
-  a universal perturbation (e.g. a UPI loaded from a file) to its inputs: Quantus calls
-  ``perturb_func(arr=..., indices=..., indexed_axes=..., **perturb_func_kwargs)`` on one sample
-  (C, H, W) (older versions: on a batch) and expects the perturbed array back.
+  a universal perturbation (e.g. a UPI loaded from a file) to its inputs: Quantus 0.6 calls
+  ``perturb_func(arr=x_batch.reshape(B, -1), indices=(B, M) flat positions, **perturb_func_kwargs)``
+  (older versions: ``arr`` one (C, H, W) sample with ``indices`` / ``indexed_axes``) and expects the
+  perturbed array back, in the shape it passed.
 * captum attribution objects (anything with ``attribute(inputs, target=...)``, see
   :class:`AttributionMethod`) are accepted as the saliency method of :func:`upi_fast.evaluate`
   as they are: ``upi_fast.evaluate(model, delta, data, saliency=captum.attr.Saliency(model))``.
@@ -230,13 +231,23 @@ def _mask(shape: tuple[int, ...], indices: Any, axes: tuple[int, ...]) -> np.nda
 class UPIPerturbFunc:
     """A Quantus-compatible ``perturb_func`` that adds a fixed perturbation ``delta`` (C, H, W).
 
-    Called as ``fn(arr, indices=None, indexed_axes=None, **kwargs)`` with ``arr`` one sample
-    (C, H, W) or a batch (B, C, H, W) (numpy, channels first, model input units), it returns
-    ``arr + scale * delta`` (same shape and dtype, a new array), restricted to the positions
-    ``indices`` over the axes ``indexed_axes`` of a sample when given (Quantus's convention: flat
-    integer positions over those axes, which must be consecutive and include the first or the last
-    axis; or a tuple index expression; for a batch, a 2-D array gives each sample its own row), and
-    clipped to ``clip`` when set. Other keyword arguments (e.g. the noise parameters a Quantus metric
+    Called as ``fn(arr, indices=None, indexed_axes=None, **kwargs)``, it returns
+    ``arr + scale * delta`` (same shape and dtype, a new array; ``scale * delta`` is rounded to
+    ``arr``'s dtype before the addition, as ``x + delta`` in torch), restricted to the positions
+    ``indices`` when given, and clipped to ``clip`` when set. ``arr`` is a numpy float array in
+    model input units, channels first, in one of four layouts (N = C*H*W):
+
+    * ``(B, N)``: a flattened batch, what Quantus 0.6's robustness metrics pass
+      (``arr=x_batch.reshape(B, -1)``, ``indices`` a (B, M) array of flat positions, one row per
+      sample; MaxSensitivity, AvgSensitivity, LocalLipschitzEstimate, RelativeInputStability, ...);
+    * ``(B, C, H, W)``: a batch;
+    * ``(C, H, W)`` or ``(N,)``: one sample (what older Quantus versions pass, sample by sample).
+
+    ``indices`` are integer positions over the axes ``indexed_axes`` of a sample (flattened,
+    C-order; default: all axes; the axes must be consecutive and include the first or the last
+    one, Quantus's convention), or a tuple index expression over those axes. For a batch, a 2-D
+    integer array gives each sample its own row, anything else applies to every sample. Other
+    keyword arguments (e.g. the noise parameters ``lower_bound`` / ``perturb_std`` a Quantus metric
     passes to its default perturbation) are accepted and ignored.
 
     Args:
@@ -266,32 +277,45 @@ class UPIPerturbFunc:
             clip = (float(clip[0]), float(clip[1]))
         self.delta, self.scale, self.clip = d, float(scale), clip
 
-    def _one(self, a: np.ndarray, indices: Any, axes: tuple[int, ...]) -> np.ndarray:
-        step = self.scale * self.delta
-        m = _mask(a.shape, indices, axes)
-        out = a + (step if m is None else step * m)
+    def _apply(self, arr: np.ndarray, sample: tuple[int, ...], indices: Any, indexed_axes: Any,
+               batched: bool) -> np.ndarray:
+        """``arr`` (B, *sample) if ``batched`` else ``sample``, perturbed at ``indices``."""
+        step = (self.scale * self.delta).reshape(sample).astype(arr.dtype)
+        axes = _consecutive_axes(indexed_axes, len(sample))
+        if indices is None:
+            m = None
+        elif batched and not isinstance(indices, tuple) and np.ndim(indices) == 2:
+            if len(indices) != arr.shape[0]:
+                raise ValueError(f"indices has {len(indices)} rows for a batch of {arr.shape[0]} samples "
+                                 f"(one row of positions per sample)")
+            m = np.stack([_mask(sample, row, axes) for row in indices])
+        else:
+            m = _mask(sample, indices, axes)
+            if batched:
+                m = m[None]
+        out = arr + (step if m is None else step * m)
         if self.clip is not None:
             out = np.clip(out, *self.clip)
-        return out.astype(a.dtype, copy=False)
+        return out.astype(arr.dtype, copy=False)
 
     def __call__(self, arr: np.ndarray, indices: Any = None, indexed_axes: Sequence[int] | None = None,
                  **kwargs: Any) -> np.ndarray:
-        """``arr`` (C, H, W) or (B, C, H, W) plus the perturbation (see the class docstring)."""
+        """``arr`` (B, N), (B, C, H, W), (C, H, W) or (N,) plus the perturbation (see the class
+        docstring), same shape and dtype."""
         if isinstance(arr, torch.Tensor):
             raise TypeError("arr must be a numpy array (Quantus passes numpy); convert the tensor with .numpy()")
         if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
             raise TypeError(f"arr must be a floating numpy array, got "
                             f"{arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__}")
-        shape = self.delta.shape
-        if arr.shape == shape:
-            return self._one(arr, indices, _consecutive_axes(indexed_axes, arr.ndim))
+        shape, n = self.delta.shape, self.delta.size
+        if arr.shape == shape or arr.shape == (n,):
+            return self._apply(arr, arr.shape, indices, indexed_axes, batched=False)
         if arr.ndim == 4 and arr.shape[1:] == shape:
-            axes = _consecutive_axes(indexed_axes, 3)
-            rows = indices is not None and not isinstance(indices, tuple) and np.asarray(indices).ndim == 2
-            if rows and len(indices) != arr.shape[0]:
-                raise ValueError(f"indices has {len(indices)} rows for a batch of {arr.shape[0]}")
-            return np.stack([self._one(arr[i], indices[i] if rows else indices, axes) for i in range(arr.shape[0])])
-        raise ValueError(f"arr must have shape {shape} (one sample) or (B, *{shape}) (a batch), got {arr.shape}")
+            return self._apply(arr, shape, indices, indexed_axes, batched=True)
+        if arr.ndim == 2 and arr.shape[1] == n:
+            return self._apply(arr, (n,), indices, indexed_axes, batched=True)
+        raise ValueError(f"arr must be one sample {shape} or ({n},), or a batch (B, *{shape}) or flattened "
+                         f"(B, {n}) (Quantus's robustness metrics), for delta of shape {shape}; got {arr.shape}")
 
     def __repr__(self) -> str:
         return f"UPIPerturbFunc(delta shape {self.delta.shape}, scale={self.scale}, clip={self.clip})"
@@ -310,12 +334,15 @@ def quantus_perturb_func(delta: torch.Tensor | np.ndarray | str | os.PathLike, s
 
     Returns:
         A :class:`UPIPerturbFunc`: ``fn(arr, indices=None, indexed_axes=None, **kwargs)`` ->
-        ``arr + scale * delta``.
+        ``arr + scale * delta``, for ``arr`` a flattened batch (B, C*H*W) (what Quantus 0.6's
+        robustness metrics pass), a batch (B, C, H, W) or one sample.
 
-    Example::
+    Example (``nr_samples=1``: the perturbation is deterministic, so one draw is the metric)::
 
         metric = quantus.MaxSensitivity(nr_samples=1, perturb_func=upi_fast.adapters.quantus_perturb_func(
             "upi_out/upi.safetensors", clip=(0, 1)))
+        scores = metric(model=model, x_batch=x, y_batch=y, device="cpu",
+                        explain_func=upi_fast.adapters.quantus_explain_func("simple"))
     """
     if isinstance(delta, (str, os.PathLike)):
         from .io import load_perturbation

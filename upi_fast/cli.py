@@ -118,6 +118,10 @@ def _add_model_args(p, required=True):
 def _add_saliency_args(p):
     p.add_argument("--saliency", choices=("simple", "integrated", "smoothgrad"), default="simple")
     p.add_argument("--target-kind", choices=("prob", "logit"), default="prob")
+    from .saliency import DEFAULT_INTEGRATION, INTEGRATION_RULES
+    p.add_argument("--integration", choices=INTEGRATION_RULES, default=DEFAULT_INTEGRATION,
+                   help="integrated-gradients path rule for --saliency integrated (default %(default)s: weight 1/M "
+                        "at k/(M-1), the authors' rule; the others are captum's, same nodes and weights)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,13 +231,13 @@ def _run(args) -> int:
                             device=args.device, seed=args.seed, workers=args.workers,
                             progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
                             checkpoint_every=args.checkpoint_every, resume=args.resume, precision=args.precision,
-                            oom_retry=args.oom_retry, fast=args.fast)
+                            oom_retry=args.oom_retry, fast=args.fast, integration=args.integration)
         compute(cfg)
     elif args.command == "evaluate":
         from .pipeline import evaluate_file
         evaluate_file(args.perturbation, args.data, args.model, args.weights, args.num_classes, args.mean, args.std,
                       args.size, args.eval_samples, args.batch_size, args.saliency, args.target_kind, args.k,
-                      args.device, args.seed, args.out)
+                      args.device, args.seed, args.out, integration=args.integration)
     elif args.command == "show":
         from .pipeline import show
         if bool(args.data) != bool(args.model):

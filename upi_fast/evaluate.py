@@ -46,16 +46,34 @@ class AttributionMethod(Protocol):
         ...
 
 
+def _fork_rng(device: torch.device):
+    """Save the global RNG state of the CPU and of ``device`` (when it is an accelerator) and
+    restore it on exit."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    index = device.index if device.index is not None else getattr(torch, device.type).current_device()
+    return torch.random.fork_rng(devices=[index], device_type=device.type)
+
+
 def _saliency_fn(model: ModelLike, saliency: str | AttributionMethod, target_kind: str,
-                 saliency_kwargs: dict | None) -> SaliencyFn:
-    """``fn(x, y) -> maps (B, N)``: a method name, or any object with ``attribute(inputs, target=...)``
-    (a captum attribution, duck-typed), whose raw attributions are post-processed like ours."""
+                 saliency_kwargs: dict | None) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """``fn(x, y, seed) -> maps (B, N)``: a method name, or any object with ``attribute(inputs,
+    target=...)`` (a captum attribution, duck-typed), whose raw attributions are post-processed
+    like ours.
+
+    Sampling attributions draw the same noise for the same ``seed`` and input shape (common random
+    numbers), so that the clean and the perturbed maps of a batch differ by the perturbation only:
+    the built-in smoothgrad draws from its own generator (on the input's device) seeded with
+    ``seed``; an attribution object is called with the global torch RNG seeded with ``seed``
+    (captum's ``NoiseTunnel`` draws from it), inside ``torch.random.fork_rng`` so that the
+    caller's global RNG state is restored."""
     kw = dict(saliency_kwargs or {})
     post = kw.pop("postprocess", "abs_sum_l1")
     if hasattr(saliency, "attribute") and callable(saliency.attribute):
-        def fn(x, y):
-            with torch.enable_grad():
-                attr = saliency.attribute(x.detach().clone().requires_grad_(True), target=y)
+        def fn(x, y, seed):
+            with _fork_rng(x.device), torch.enable_grad():
+                torch.manual_seed(seed)
+                attr = saliency.attribute(x.detach().clone().requires_grad_(True), target=y, **kw)
             if not isinstance(attr, torch.Tensor) or attr.shape != x.shape:
                 raise ValueError(f"saliency.attribute returned {type(attr).__name__} "
                                  f"{tuple(getattr(attr, 'shape', ()))}, expected a tensor of shape {tuple(x.shape)}")
@@ -63,14 +81,18 @@ def _saliency_fn(model: ModelLike, saliency: str | AttributionMethod, target_kin
         return fn
     spec = SaliencySpec(method=saliency, target_kind=target_kind, postprocess=post,
                         **{k: v for k, v in kw.items() if k != "k"})
-    gen = torch.Generator()
+    gens: dict[torch.device, torch.Generator] = {}
 
-    def fn(x, y):
+    def fn(x, y, seed):
+        gen = None
         if spec.method == "smoothgrad":
-            gen.manual_seed(0)
+            gen = gens.get(x.device)
+            if gen is None:
+                gen = gens[x.device] = torch.Generator(device=x.device)
+            gen.manual_seed(seed)
         g = raw_gradient(model, x, y, spec.method, spec.target_kind, False, spec.steps, spec.baseline,
-                         spec.multiply_by_input, spec.smoothgrad_std, spec.n_samples,
-                         gen if x.device.type == "cpu" else None)
+                         spec.multiply_by_input, spec.smoothgrad_std, spec.n_samples, gen,
+                         integration=spec.integration)
         return postprocess_maps(g, spec.postprocess).detach()
     return fn
 
@@ -80,7 +102,7 @@ def evaluate(model: ModelLike, delta: torch.Tensor | PerturbationFn,
              saliency: str | AttributionMethod = "simple", target_kind: str = "prob", k: int | None = None,
              metrics: Sequence[str] = ("dissimilarity", "topk_intersection", "spearman", "fooling_rate"),
              batch_size: int = 256, device: DeviceLike | None = None, saliency_kwargs: dict | None = None,
-             return_per_sample: bool = False) -> dict[str, Any]:
+             return_per_sample: bool = False, seed: int = 0) -> dict[str, Any]:
     """Evaluate ``delta`` on ``data`` against ``model``'s clean interpretations.
 
     Args:
@@ -101,8 +123,16 @@ def evaluate(model: ModelLike, delta: torch.Tensor | PerturbationFn,
         batch_size: samples per batch when ``data`` is a tuple.
         device: where to compute (default: the model's device).
         saliency_kwargs: ``steps``, ``baseline``, ``multiply_by_input``, ``smoothgrad_std``,
-            ``n_samples``, ``postprocess``.
+            ``n_samples``, ``postprocess``, ``integration``. With an attribution object:
+            ``postprocess``, and any other key is passed to its ``attribute`` as a keyword argument
+            (e.g. captum ``NoiseTunnel``'s ``nt_samples`` / ``stdevs``).
         return_per_sample: also return the per-sample values under ``"per_sample"``.
+        seed: seed of the noise of a sampling saliency method (``"smoothgrad"``, or an attribution
+            object that draws from the global torch RNG, such as captum's ``NoiseTunnel``). The
+            clean and the perturbed maps of a batch use the same draws (common random numbers:
+            batch ``i`` is computed twice from the RNG seeded with ``seed + i``), so a zero
+            perturbation scores 0 and the metrics measure the perturbation, not the sampling
+            noise. The caller's global RNG state is left as it was.
 
     Returns:
         ``{metric: mean value, ..., "n": correctly classified samples used, "n_total": samples seen}``
@@ -111,6 +141,8 @@ def evaluate(model: ModelLike, delta: torch.Tensor | PerturbationFn,
         dimensionless fractions / correlations; ``center_of_mass_shift`` is in pixels.
     """
     check_model(model)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"metrics has unknown names {unknown}; choose from {METRICS}")
@@ -127,7 +159,7 @@ def evaluate(model: ModelLike, delta: torch.Tensor | PerturbationFn,
     n_total = 0
     any_correct = False
     with eval_mode(model):
-        for x, y in as_batches(data, batch_size):
+        for batch, (x, y) in enumerate(as_batches(data, batch_size)):
             x, y = x.to(dev), y.to(dev)
             n_total += x.shape[0]
             if not callable(delta) and tuple(delta.shape) != tuple(x.shape[1:]):
@@ -139,7 +171,7 @@ def evaluate(model: ModelLike, delta: torch.Tensor | PerturbationFn,
             x, y = x[keep], y[keep]
             d = delta(x, y) if callable(delta) else delta
             x_adv = x + d.to(x.dtype)
-            I, I_adv = sal(x, y), sal(x_adv, y)
+            I, I_adv = sal(x, y, seed + batch), sal(x_adv, y, seed + batch)  # the same noise draws
             any_correct = True
             nz = (I != 0).any(1)  # a zero clean map (vanishing input gradient): nothing to compare, left out
             if not bool(nz.any()):

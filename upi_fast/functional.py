@@ -19,7 +19,8 @@ Conventions shared by every function:
 Groups:
 
 * saliency maps -- :func:`saliency`, :func:`raw_gradient`, :func:`postprocess_maps`,
-  :func:`target_scores`;
+  :func:`target_scores`, :func:`integration_rule` (the integrated-gradients path rules
+  :data:`INTEGRATION_RULES`: the authors' default and captum's five);
 * dissimilarities -- :func:`dissimilarity`; fused post-processing + dissimilarity forward and
   gradient in one kernel call -- :func:`saliency_dissim`, :func:`fused_saliency_loss`;
 * smooth surrogate -- :func:`softplus`, :func:`softplus_surrogate`, :class:`SoftplusSurrogate`;
@@ -50,13 +51,14 @@ from .ops.sketch_update import sketch_update
 from .ops.softplus import softplus
 from .projection import NORMS, norm_of, parse_norm, project, random_in_ball, steepest_step
 from .saliency import METHODS as SALIENCY_METHODS
-from .saliency import POSTPROCESS, TARGET_KINDS, postprocess_maps, raw_gradient, saliency, target_scores
+from .saliency import INTEGRATION_RULES, POSTPROCESS, TARGET_KINDS, integration_rule, postprocess_maps, raw_gradient, \
+    saliency, target_scores
 from .surrogate import SoftplusSurrogate, softplus_surrogate
 
 __all__ = [
     # saliency maps
     "saliency", "raw_gradient", "postprocess_maps", "target_scores", "SALIENCY_METHODS", "TARGET_KINDS",
-    "POSTPROCESS",
+    "POSTPROCESS", "integration_rule", "INTEGRATION_RULES",
     # dissimilarities, fused forward / gradient
     "dissimilarity", "default_k", "DISSIMILARITIES", "saliency_dissim", "fused_saliency_loss",
     "FUSED_DISSIMILARITIES",

@@ -40,9 +40,9 @@ from .dissimilarity import KINDS as DISSIMILARITIES
 from .dissimilarity import dissimilarity as dissimilarity_fn
 from .ops.saliency_dissim import KINDS as FUSED_KINDS
 from .ops.saliency_dissim import fused_saliency_loss, saliency_dissim
-from .piecewise import piecewise_loss_and_direction, resolve_hvp
-from .saliency import Baseline, _baseline_like, averaged_gradient, check_saliency_args, path_coefficients, \
-    postprocess_maps, smoothgrad_noise, target_scores
+from .piecewise import NotPiecewiseLinearError, mark_refused, piecewise_loss_and_direction, resolve_hvp
+from .saliency import DEFAULT_INTEGRATION, Baseline, _baseline_like, _path_points, _weighted_sum, \
+    averaged_gradient, check_saliency_args, postprocess_maps, smoothgrad_noise, target_scores
 
 __all__ = ["saliency_loss_grad", "HVP_MODES", "loss_and_direction", "SaliencySpec"]
 
@@ -54,18 +54,25 @@ HVP_MODES = ("double_backward", "forward", "finite_difference", "finite_differen
 class SaliencySpec:
     """The interpretation map being attacked: method, target, post-processing, dissimilarity.
 
-    A small value object so that solvers, HVP modes and kernels agree on one definition.
+    A small value object so that solvers, HVP modes and kernels agree on one definition. Arguments
+    as in :func:`upi_fast.saliency.saliency` (``smoothgrad_std``, ``n_samples``: smoothgrad's
+    ``noise_std`` and ``n_samples``; ``integration``: the integrated-gradients path rule, one of
+    :data:`upi_fast.saliency.INTEGRATION_RULES`, default ``"uniform_endpoints"``), ``dissimilarity``
+    one of :data:`upi_fast.dissimilarity.KINDS` and ``k`` the top-k size of the ``topk`` loss.
+    Every HVP mode and the solvers' ``saliency_kwargs`` go through this object.
     """
 
     def __init__(self, method: str = "simple", target_kind: str = "prob", postprocess: str = "abs_sum_l1",
                  dissimilarity: str = "l2", steps: int = 10, baseline=None, multiply_by_input: bool = False,
-                 smoothgrad_std: float = 0.0, n_samples: int = 1, k: int | None = None) -> None:
-        check_saliency_args(method, target_kind, postprocess, steps, smoothgrad_std, n_samples)
+                 smoothgrad_std: float = 0.0, n_samples: int = 1, k: int | None = None,
+                 integration: str = DEFAULT_INTEGRATION) -> None:
+        check_saliency_args(method, target_kind, postprocess, steps, smoothgrad_std, n_samples, integration)
         check_choice("dissimilarity", dissimilarity, DISSIMILARITIES)
         self.method, self.target_kind, self.postprocess = method, target_kind, postprocess
         self.dissimilarity, self.steps, self.baseline = dissimilarity, steps, baseline
         self.multiply_by_input, self.smoothgrad_std, self.n_samples, self.k = (
             multiply_by_input, smoothgrad_std, n_samples, k)
+        self.integration = integration
 
     @property
     def fused(self) -> bool:
@@ -121,10 +128,8 @@ def _avg_grad_func(model, target: torch.Tensor, spec: SaliencySpec, sg_noise) ->
         if spec.method == "simple":
             return grad_fn(p, target)
         if spec.method == "integrated":
-            b = _baseline_like(spec.baseline, p)
-            a = path_coefficients(spec.steps, p.dtype, p.device).view(-1, 1, 1, 1, 1)
-            pts = (b.unsqueeze(0) + a * (p - b).unsqueeze(0)).reshape(spec.steps * B, *p.shape[1:])
-            return grad_fn(pts, target.repeat(spec.steps)).view(spec.steps, *p.shape).mean(0)
+            pts, _, w = _path_points(p, spec.baseline, spec.integration, spec.steps)
+            return _weighted_sum(w, grad_fn(pts, target.repeat(spec.steps)), p.shape)
         n = sg_noise.shape[0]
         pts = (p.unsqueeze(0) + sg_noise).reshape(n * B, *p.shape[1:])
         return grad_fn(pts, target.repeat(n)).view(n, *p.shape).mean(0)
@@ -140,7 +145,8 @@ def loss_and_direction(model, xp: torch.Tensor, target: torch.Tensor, I_ref: tor
 
     def A_eval(p):
         return averaged_gradient(model, p, target, method=spec.method, target_kind=spec.target_kind,
-                                 create_graph=False, steps=spec.steps, baseline=spec.baseline, noise=sg_noise)
+                                 create_graph=False, steps=spec.steps, baseline=spec.baseline, noise=sg_noise,
+                                 integration=spec.integration)
 
     A0 = A_eval(xp)
     loss, u, w = spec.loss_u_w(A0, xp, I_ref)
@@ -167,7 +173,8 @@ def saliency_loss_grad(model: ModelLike, x: torch.Tensor, target: torch.Tensor, 
                        generator: torch.Generator | None = None, fd_step: float = 1e-2, method: str = "simple",
                        target_kind: str = "prob", postprocess: str = "abs_sum_l1", steps: int = 10,
                        baseline: Baseline = None, multiply_by_input: bool = False, smoothgrad_std: float = 0.0,
-                       n_samples: int = 1, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       n_samples: int = 1, k: int | None = None,
+                       integration: str = DEFAULT_INTEGRATION) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample dissimilarities and the gradient of their mean with respect to ``delta``.
 
     Args:
@@ -185,6 +192,8 @@ def saliency_loss_grad(model: ModelLike, x: torch.Tensor, target: torch.Tensor, 
         method, target_kind, postprocess, steps, baseline, multiply_by_input: as in
             :func:`upi_fast.saliency`; ``smoothgrad_std`` and ``n_samples`` are smoothgrad's
             ``noise_std`` and ``n_samples``; ``k`` the top-k size of the ``topk`` loss.
+        integration: integrated-gradients path rule (:data:`upi_fast.saliency.INTEGRATION_RULES`,
+            default ``"uniform_endpoints"``); every ``hvp`` mode differentiates the same rule.
 
     Returns:
         ``(loss, grad)``: loss (B,) detached, ``D(I(x_i + z_i + delta), I_ref_i)``; grad shaped like
@@ -197,7 +206,7 @@ def saliency_loss_grad(model: ModelLike, x: torch.Tensor, target: torch.Tensor, 
     check_positive("noise_std", noise_std, allow_zero=True)
     check_positive("fd_step", fd_step)
     spec = SaliencySpec(method, target_kind, postprocess, dissimilarity, steps, baseline, multiply_by_input,
-                        smoothgrad_std, n_samples, k)
+                        smoothgrad_std, n_samples, k, integration)
     B = x.shape[0]
     width = x.shape[2] * x.shape[3] if postprocess == "abs_sum_l1" else x[0].numel()
     check_maps("I_ref", I_ref, B, width)
@@ -213,23 +222,35 @@ def _loss_grad(model, x, target, I_ref, delta, spec: SaliencySpec, hvp: str, noi
     sg_noise = (smoothgrad_noise(x, spec.smoothgrad_std, spec.n_samples, generator)
                 if spec.method == "smoothgrad" else None)
     with eval_mode(model):
+        requested = hvp
         if hvp in ("auto", "piecewise_linear"):
             hvp = resolve_hvp(model, (x_eval + delta).detach(), spec, hvp)
+        if hvp == "piecewise_linear":
+            xp = (x_eval + delta).detach()
+            try:
+                loss, jtu = piecewise_loss_and_direction(model, xp, target, I_ref, spec, sg_noise)
+            except NotPiecewiseLinearError as e:  # this batch left the lists: exact or refuse
+                if requested != "auto":
+                    raise ValueError(f"hvp='piecewise_linear' does not apply to this model on this batch: {e}. "
+                                     "Use hvp='double_backward' (exact for any model) or hvp='auto'.") from None
+                mark_refused(model, xp, str(e))
+                hvp = "double_backward"
+            else:
+                jtu = jtu.detach() / B
+                return loss.detach(), (jtu.sum(0) if delta.dim() == 3 else jtu)
         if hvp == "double_backward":
             with torch.enable_grad():
                 d = delta.detach().requires_grad_(True)
                 xp = x_eval + d
                 r = averaged_gradient(model, xp, target, method=spec.method, target_kind=spec.target_kind,
-                                      create_graph=True, steps=spec.steps, baseline=spec.baseline, noise=sg_noise)
+                                      create_graph=True, steps=spec.steps, baseline=spec.baseline, noise=sg_noise,
+                                      integration=spec.integration)
                 if spec.multiply_by_input:
                     r = (xp - _baseline_like(spec.baseline, xp)) * r
                 loss = spec.loss(r, I_ref)
                 (grad,) = torch.autograd.grad(loss.sum() / B, d)
             return loss.detach(), grad
         xp = (x_eval + delta).detach()
-        if hvp == "piecewise_linear":
-            loss, jtu = piecewise_loss_and_direction(model, xp, target, I_ref, spec, sg_noise)
-        else:
-            loss, jtu = loss_and_direction(model, xp, target, I_ref, spec, hvp, sg_noise, fd_step)
+        loss, jtu = loss_and_direction(model, xp, target, I_ref, spec, hvp, sg_noise, fd_step)
     jtu = jtu.detach() / B
     return loss.detach(), (jtu.sum(0) if delta.dim() == 3 else jtu)

@@ -125,6 +125,9 @@ def _check_config(cfg: "ComputeConfig") -> "ComputeConfig":
             raise ValueError(f"workers must be an integer >= 0, got {cfg.workers!r}")
     with _blame("--fast", ()):
         check_choice("fast", cfg.fast, ("off", "on", "autotune"))
+    with _blame("--integration", ()):
+        from .saliency import INTEGRATION_RULES
+        check_choice("integration", cfg.integration, INTEGRATION_RULES)
     with _blame("--oom-retry", ()):
         if not isinstance(cfg.oom_retry, bool):
             raise TypeError(f"oom_retry must be True or False, got {cfg.oom_retry!r}")
@@ -145,7 +148,9 @@ class ComputeConfig:
 
     ``oom_retry``: split batches that do not fit the device's memory into micro-batches instead of
     stopping (``--oom-retry``; see :class:`upi_fast.solvers.UPIGrad`). ``fast``: ``"off"``, ``"on"``
-    or ``"autotune"``, the solvers' ``fast`` option (``--fast``)."""
+    or ``"autotune"``, the solvers' ``fast`` option (``--fast``). ``integration``: the
+    integrated-gradients path rule (``--integration``, :data:`upi_fast.saliency.INTEGRATION_RULES`;
+    used with ``saliency="integrated"``)."""
     data: str
     model: str
     out: str
@@ -177,6 +182,7 @@ class ComputeConfig:
     precision: str = "fp32"
     oom_retry: bool = False
     fast: str = "off"
+    integration: str = "uniform_endpoints"
 
 
 def _load(cfg) -> tuple:
@@ -222,7 +228,8 @@ def _evaluate_fitting(model, delta, dataset, idx, cfg, dev, batch_size: int) -> 
         failed = None
         try:
             with _blame("--model", data=cfg.data):
-                return evaluate(model, delta, loader, saliency=cfg.saliency, target_kind=cfg.target_kind, device=dev)
+                return evaluate(model, delta, loader, saliency=cfg.saliency, target_kind=cfg.target_kind, device=dev,
+                                saliency_kwargs={"integration": cfg.integration})
         except RuntimeError as exc:
             if not (cfg.oom_retry and batch_size > 1 and is_out_of_memory(exc)):
                 raise
@@ -269,7 +276,8 @@ def _compute(cfg: ComputeConfig, comm: Comm, log) -> dict:
     common = dict(norm=cfg.norm, saliency=cfg.saliency, target_kind=cfg.target_kind, batch_size=cfg.batch_size,
                   seed=cfg.seed, device=dev, progress=cfg.progress and comm.is_main, hvp=cfg.hvp,
                   precision=cfg.precision, checkpoint_dir=_checkpoint_dir(cfg), checkpoint_every=cfg.checkpoint_every,
-                  oom_retry=cfg.oom_retry, fast={"off": False, "on": True, "autotune": "autotune"}[cfg.fast])
+                  oom_retry=cfg.oom_retry, fast={"off": False, "on": True, "autotune": "autotune"}[cfg.fast],
+                  saliency_kwargs={"integration": cfg.integration})
     with _blame("--model", data=cfg.data):
         if cfg.method == "grad":
             solver = UPIGrad(model, eps, epochs=cfg.epochs, **common)
@@ -281,6 +289,7 @@ def _compute(cfg: ComputeConfig, comm: Comm, log) -> dict:
             "norm": "2" if cfg.norm == 2 else "inf", "model": model_name(cfg.model), "input_shape": list(shape),
             "units": "pixels [0, 1]", "mean": list(cfg.mean) if cfg.mean else None,
             "std": list(cfg.std) if cfg.std else None, "saliency": cfg.saliency, "target_kind": cfg.target_kind,
+            "integration": cfg.integration,
             "hvp": cfg.hvp, "seed": cfg.seed, "attack_samples": len(att_idx), "data": os.path.abspath(cfg.data),
             "precision": cfg.precision, "processes": comm.world,
             "fast": cfg.fast}
@@ -311,9 +320,11 @@ def _compute(cfg: ComputeConfig, comm: Comm, log) -> dict:
 
 def evaluate_file(path: str, data: str, model: str, weights=None, num_classes=None, mean=None, std=None, size=None,
                   eval_samples: int = 1000, batch_size: int = 64, saliency: str = "simple", target_kind: str = "prob",
-                  k: int | None = None, device=None, seed: int = 0, out: str | None = None, log=print) -> dict:
+                  k: int | None = None, device=None, seed: int = 0, out: str | None = None, log=print,
+                  integration: str = "uniform_endpoints") -> dict:
     """Evaluate a saved perturbation against a model on a local dataset (e.g. transfer). Errors are
-    tagged with the command-line option they concern, as in :func:`compute`."""
+    tagged with the command-line option they concern, as in :func:`compute`. ``integration``: the
+    integrated-gradients path rule (``--integration``)."""
     dataset = _open(data, size)
     net = _model(model, weights, num_classes, mean, std)
     dev = _device(device)
@@ -333,13 +344,15 @@ def evaluate_file(path: str, data: str, model: str, weights=None, num_classes=No
     norm = meta.get("norm", "2")
     if norm not in ("2", "inf", 2, math.inf):
         norm = "2"
-    rules = ((re.compile(r"^k must"), "--k"),) + _GENERAL_RULES
+    rules = ((re.compile(r"^k must"), "--k"), (re.compile(r"^integration"), "--integration")) + _GENERAL_RULES
+    skw = {"integration": integration}
     with _blame("--model", rules, data=data):
         rows = [{"method": f"{meta.get('method', 'perturbation')} ({os.path.basename(path)})",
-                 **evaluate(net, delta, loader, saliency=saliency, target_kind=target_kind, k=k, device=dev)},
+                 **evaluate(net, delta, loader, saliency=saliency, target_kind=target_kind, k=k, device=dev,
+                            saliency_kwargs=skw)},
                 {"method": "universal random", **evaluate(net, universal_random(shape, float(eps), norm, seed),
                                                           loader, saliency=saliency, target_kind=target_kind, k=k,
-                                                          device=dev)}]
+                                                          device=dev, saliency_kwargs=skw)}]
     log(format_table(rows, columns=[c for c in COLUMNS if c[0] != "seconds"]))
     setup = {"perturbation": os.path.abspath(path), "model": model_name(model), "data": os.path.abspath(data),
              "eval_samples": len(ev_idx), **{f"perturbation {k}": v for k, v in meta.items()}}

@@ -1,15 +1,30 @@
-// Host build of the CUDA kernels of csrc/*.cu under the emulator (emulate.h), exposed with a C ABI
-// for tests/test_cuda_ext.py (ctypes), which compares them with the PyTorch references on CPU
-// tensors. Not part of the extension. Build (the test does it):
-//   g++ -std=c++20 -O1 -shared -fPIC -pthread -I<torch>/include harness.cpp -o harness.so
+// The kernels and their host code (csrc/*.cu) compiled by g++ against the emulator (emulate.h), for
+// tests/test_cuda_host_emulated.py. Together with csrc/register.cpp (compiled with
+// -DUPI_FAST_EMULATE, which registers the tensor entry points as upi_fast_emu:: ops) this is the
+// torch extension the test builds with torch.utils.cpp_extension.load; not part of upi_fast._C.
+//
+// Besides the tensor entry points (through the dispatcher), the library exports a C ABI that the
+// test reaches with ctypes on the same shared object:
+//   * upi_emu_softplus / upi_emu_saliency / upi_emu_sketch: the raw launchers on raw pointers (odd
+//     alignments, poisoned workspaces, any multiprocessor count);
+//   * upi_emu_rademacher_negative: the generator, for bit identity with the Python one;
+//   * upi_emu_set_* / upi_emu_launch_*: the emulated runtime (current device and stream, recording
+//     only, injected launch errors, the launch log) and NaN-poisoning of new CPU allocations.
 #define UPI_FAST_EMULATE 1
 
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#include <atomic>
+#include <cstdio>
 
 #include "../saliency_dissim.cu"
 #include "../sketch_update.cu"
 #include "../softplus.cu"
+
+#define UPI_EMU_API extern "C" __attribute__((visibility("default")))
 
 using upi_fast::stream_t;
 
@@ -25,13 +40,42 @@ int guarded(T&& fn) {
   }
 }
 
+/// The CPU allocator, filling new blocks with 0xFF bytes (NaN in every float dtype) while switched
+/// on: what the GPU tests do to the CUDA caching allocator, so that an output element the host code
+/// allocates and a kernel forgets to write shows up as NaN. Installed once, on first use, over the
+/// allocator in place then (which still allocates and frees every block).
+struct PoisoningAllocator final : c10::Allocator {
+  c10::Allocator* base = nullptr;
+  std::atomic<bool> on{false};
+
+  c10::DataPtr allocate(size_t n) override {
+    c10::DataPtr p = base->allocate(n);
+    if (on.load(std::memory_order_relaxed) && n > 0 && p.get() != nullptr) std::memset(p.get(), 0xFF, n);
+    return p;
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return base->raw_deleter(); }
+  bool is_simple_data_ptr(const c10::DataPtr& p) const override { return base->is_simple_data_ptr(p); }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    base->copy_data(dest, src, count);
+  }
+};
+
+PoisoningAllocator& poisoning_allocator() {
+  static PoisoningAllocator* alloc = [] {
+    auto* a = new PoisoningAllocator();  // static lifetime, as SetCPUAllocator requires
+    a->base = c10::GetCPUAllocator();
+    c10::SetCPUAllocator(a, /*priority=*/255);
+    return a;
+  }();
+  return *alloc;
+}
+
 }  // namespace
 
-extern "C" {
-
+// ------------------------------------------------------------------------------- raw launchers
 // dtype codes: 0 float32, 1 float64, 2 float16, 3 bfloat16
-int upi_emu_softplus(int dtype, int pass, const void* a, const void* b, const void* c, void* o1, void* o2,
-                     int64_t n, double beta, int sm_count) {
+UPI_EMU_API int upi_emu_softplus(int dtype, int pass, const void* a, const void* b, const void* c, void* o1,
+                                 void* o2, int64_t n, double beta, int sm_count) {
   return guarded([&] {
     auto run = [&](auto tag) {
       using T = decltype(tag);
@@ -55,13 +99,13 @@ int upi_emu_softplus(int dtype, int pass, const void* a, const void* b, const vo
   });
 }
 
-int64_t upi_emu_saliency_workspace(int dtype, int64_t B, int64_t N, int sm_count) {
+UPI_EMU_API int64_t upi_emu_saliency_workspace(int dtype, int64_t B, int64_t N, int sm_count) {
   return dtype == 0 ? upi_fast::saliency_workspace_size(B, N, sm_count, upi_fast::vec_width<float>())
                     : upi_fast::saliency_workspace_size(B, N, sm_count, upi_fast::vec_width<double>());
 }
 
-int upi_emu_saliency(int dtype, const void* g, const void* ref, void* loss, void* grad, void* workspace, int64_t B,
-                     int64_t C, int64_t N, int kind, int sm_count) {
+UPI_EMU_API int upi_emu_saliency(int dtype, const void* g, const void* ref, void* loss, void* grad, void* workspace,
+                                 int64_t B, int64_t C, int64_t N, int kind, int sm_count) {
   return guarded([&] {
     if (dtype == 0) {
       upi_fast::saliency_dissim_raw<float>(static_cast<const float*>(g), static_cast<const float*>(ref),
@@ -75,8 +119,8 @@ int upi_emu_saliency(int dtype, const void* g, const void* ref, void* loss, void
   });
 }
 
-int upi_emu_sketch(int w_dtype, int a_dtype, void* W, const void* A, void* inv, int64_t k, int64_t b, int64_t d,
-                   int64_t row_offset, int64_t seed, int normalize, int sm_count) {
+UPI_EMU_API int upi_emu_sketch(int w_dtype, int a_dtype, void* W, const void* A, void* inv, int64_t k, int64_t b,
+                               int64_t d, int64_t row_offset, int64_t seed, int normalize, int sm_count) {
   return guarded([&] {
     auto run_w = [&](auto wtag) {
       using WT = decltype(wtag);
@@ -97,8 +141,78 @@ int upi_emu_sketch(int w_dtype, int a_dtype, void* W, const void* A, void* inv, 
   });
 }
 
-uint32_t upi_emu_rademacher_negative(uint32_t seed, uint32_t row, uint32_t j) {
+UPI_EMU_API uint32_t upi_emu_rademacher_negative(uint32_t seed, uint32_t row, uint32_t j) {
   return upi_fast::rademacher_negative(upi_fast::rademacher_row_hash(upi_fast::mix32(seed), row), j);
 }
 
-}  // extern "C"
+// ------------------------------------------------------------------------------- emulated runtime
+UPI_EMU_API int upi_emu_device_count() { return upi_emu::kDevices; }
+
+UPI_EMU_API int upi_emu_multiprocessors(int device) {
+  return device >= 0 && device < upi_emu::kDevices ? upi_emu::kMultiprocessors[device] : -1;
+}
+
+/// Makes ``device`` current; returns the previous one (-1: no such device, nothing changed).
+UPI_EMU_API int upi_emu_set_device(int device) {
+  if (device < 0 || device >= upi_emu::kDevices) return -1;
+  const int before = upi_emu::runtime().device;
+  upi_emu::runtime().device = device;
+  return before;
+}
+
+/// Makes ``stream`` (any non-zero value stands for a stream; 0 is the default stream) current;
+/// returns the previous one.
+UPI_EMU_API uintptr_t upi_emu_set_stream(uintptr_t stream) {
+  const uintptr_t before = reinterpret_cast<uintptr_t>(upi_emu::runtime().stream);
+  upi_emu::runtime().stream = reinterpret_cast<cudaStream_t>(stream);
+  return before;
+}
+
+/// 0: record launches without running them; 1: run them. Returns the previous setting.
+UPI_EMU_API int upi_emu_set_execute(int execute) {
+  const int before = upi_emu::runtime().execute ? 1 : 0;
+  upi_emu::runtime().execute = execute != 0;
+  return before;
+}
+
+/// The next launch fails with CUDA error ``code`` (0: none).
+UPI_EMU_API void upi_emu_inject_launch_error(int code) {
+  upi_emu::runtime().inject = static_cast<cudaError_t>(code);
+}
+
+/// Live device guards (0 between calls: every guard was released).
+UPI_EMU_API int upi_emu_live_guards() { return upi_emu::runtime().guards; }
+
+/// 1: new CPU allocations are filled with NaN bytes; 0: left as they come. Returns the previous setting.
+UPI_EMU_API int upi_emu_set_poison(int on) {
+  PoisoningAllocator& a = poisoning_allocator();
+  const int before = a.on.load() ? 1 : 0;
+  a.on.store(on != 0);
+  return before;
+}
+
+UPI_EMU_API int64_t upi_emu_launch_count() { return static_cast<int64_t>(upi_emu::runtime().launches.size()); }
+
+UPI_EMU_API void upi_emu_clear_launches() { upi_emu::runtime().launches.clear(); }
+
+/// Launch ``i``: its kernel name into ``name`` (``cap`` bytes, NUL-terminated) and into ``fields``:
+/// grid x, y, z, block x, y, z, shared memory bytes, stream, device, live guards, ran. 0 on success.
+UPI_EMU_API int upi_emu_launch_record(int64_t i, char* name, int cap, int64_t* fields) {
+  const auto& log = upi_emu::runtime().launches;
+  if (i < 0 || i >= static_cast<int64_t>(log.size()) || cap <= 0) return 1;
+  const upi_emu::LaunchRecord& r = log[static_cast<size_t>(i)];
+  std::snprintf(name, static_cast<size_t>(cap), "%s", r.kernel.c_str());
+  const int64_t values[] = {r.grid.x,
+                            r.grid.y,
+                            r.grid.z,
+                            r.block.x,
+                            r.block.y,
+                            r.block.z,
+                            static_cast<int64_t>(r.smem),
+                            static_cast<int64_t>(reinterpret_cast<uintptr_t>(r.stream)),
+                            r.device,
+                            r.guards,
+                            r.ran ? 1 : 0};
+  std::memcpy(fields, values, sizeof(values));
+  return 0;
+}

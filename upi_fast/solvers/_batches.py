@@ -204,7 +204,7 @@ class CleanBatches:
         def part(lo: int, hi: int) -> torch.Tensor:
             g = raw_gradient(self.model, x[lo:hi], y[lo:hi], s.method, s.target_kind, False, s.steps, s.baseline,
                              s.multiply_by_input, s.smoothgrad_std, s.n_samples, None,
-                             None if noise is None else noise[:, lo:hi])
+                             None if noise is None else noise[:, lo:hi], integration=s.integration)
             return postprocess_maps(g, s.postprocess).detach()
 
         with surrogate_context(self.model, self.surrogate), self.autocast():

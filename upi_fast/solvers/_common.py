@@ -63,7 +63,7 @@ def check_common(eps, norm, batch_size, seed) -> float:
 
 def make_spec(saliency: str, target_kind: str, dissimilarity: str, saliency_kwargs: dict | None) -> SaliencySpec:
     kw = dict(saliency_kwargs or {})
-    allowed = {"steps", "baseline", "multiply_by_input", "smoothgrad_std", "n_samples", "k", "postprocess"}
+    allowed = {"steps", "baseline", "multiply_by_input", "smoothgrad_std", "n_samples", "k", "postprocess", "integration"}
     unknown = set(kw) - allowed
     if unknown:
         raise ValueError(f"saliency_kwargs has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")

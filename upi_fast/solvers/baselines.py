@@ -111,7 +111,8 @@ def per_image_attack(model: ModelLike, x: torch.Tensor, y: torch.Tensor, eps: fl
             B = xb.shape[0]
             with surrogate_context(model, surrogate):
                 ref = postprocess_maps(raw_gradient(model, xb, yb, spec.method, spec.target_kind, False, spec.steps,
-                                                    spec.baseline, spec.multiply_by_input), spec.postprocess)
+                                                    spec.baseline, spec.multiply_by_input,
+                                                    integration=spec.integration), spec.postprocess)
                 delta = torch.stack([random_in_ball(tuple(xb.shape[1:]), 0.1 * eps, p, generator=gen,
                                                     device=x.device, dtype=x.dtype) for _ in range(B)])
                 best, best_loss = delta.clone(), torch.full((B,), -1.0, dtype=x.dtype, device=x.device)
@@ -122,7 +123,8 @@ def per_image_attack(model: ModelLike, x: torch.Tensor, y: torch.Tensor, eps: fl
                     delta = project(delta + lr * steepest_step(g, p, per_sample=True), eps, p, per_sample=True)
                 # the last iterate has not been scored yet
                 final = postprocess_maps(raw_gradient(model, xb + delta, yb, spec.method, spec.target_kind, False,
-                                                      spec.steps, spec.baseline, spec.multiply_by_input), spec.postprocess)
+                                                      spec.steps, spec.baseline, spec.multiply_by_input,
+                                                      integration=spec.integration), spec.postprocess)
                 better = dissimilarity_fn(final, ref, spec.dissimilarity, k=spec.k) > best_loss
                 best[better] = delta[better]
             out.append(best.detach())

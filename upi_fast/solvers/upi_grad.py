@@ -59,7 +59,8 @@ class UPIGrad:
         device: where to compute (default: the model's device).
         progress: show a progress bar.
         saliency_kwargs: extra saliency options (``steps``, ``baseline``, ``multiply_by_input``,
-            ``smoothgrad_std``, ``n_samples``, ``k``).
+            ``smoothgrad_std``, ``n_samples``, ``k``, ``integration``: the integrated-gradients path
+            rule, :data:`upi_fast.saliency.INTEGRATION_RULES`).
         fd_step: relative step of the finite-difference modes.
         checkpoint_dir: folder for checkpoints (None: none); ``fit(..., resume=True)`` continues from it.
         checkpoint_every: write a checkpoint every this many steps (global batches); the newest two

@@ -171,7 +171,7 @@ class UPIPCA:
         def maps(x, y):
             with self._autocast():
                 g = raw_gradient(self.model, x, y, s.method, s.target_kind, False, s.steps, s.baseline,
-                                 s.multiply_by_input)
+                                 s.multiply_by_input, integration=s.integration)
                 return postprocess_maps(g, s.postprocess)
 
         def part(x, y) -> tuple[float, float, int]:
