@@ -9,7 +9,8 @@ perturbation: lower is better, the goal is the explanation, not the label).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
+import contextlib
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -46,13 +47,24 @@ class AttributionMethod(Protocol):
         ...
 
 
-def _fork_rng(device: torch.device):
-    """Save the global RNG state of the CPU and of ``device`` (when it is an accelerator) and
-    restore it on exit."""
+@contextlib.contextmanager
+def _seeded_global_rng(device: torch.device, seed: int) -> Iterator[None]:
+    """Run the block with the global RNG of the CPU (and of ``device`` when it is a GPU) seeded with
+    ``seed``, and restore their states afterwards; no other device's RNG is touched."""
     if device.type == "cpu":
-        return torch.random.fork_rng(devices=[])
-    index = device.index if device.index is not None else getattr(torch, device.type).current_device()
-    return torch.random.fork_rng(devices=[index], device_type=device.type)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            yield
+    elif device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index], device_type="cuda"):
+            torch.default_generator.manual_seed(seed)
+            torch.cuda.default_generators[index].manual_seed(seed)
+            yield
+    else:  # other accelerators: their own fork_rng, every generator seeded
+        with torch.random.fork_rng(device_type=device.type):
+            torch.manual_seed(seed)
+            yield
 
 
 def _saliency_fn(model: ModelLike, saliency: str | AttributionMethod, target_kind: str,
@@ -71,8 +83,7 @@ def _saliency_fn(model: ModelLike, saliency: str | AttributionMethod, target_kin
     post = kw.pop("postprocess", "abs_sum_l1")
     if hasattr(saliency, "attribute") and callable(saliency.attribute):
         def fn(x, y, seed):
-            with _fork_rng(x.device), torch.enable_grad():
-                torch.manual_seed(seed)
+            with _seeded_global_rng(x.device, seed), torch.enable_grad():
                 attr = saliency.attribute(x.detach().clone().requires_grad_(True), target=y, **kw)
             if not isinstance(attr, torch.Tensor) or attr.shape != x.shape:
                 raise ValueError(f"saliency.attribute returned {type(attr).__name__} "

@@ -114,11 +114,11 @@ def _baseline_like(baseline: Baseline, x: torch.Tensor) -> torch.Tensor:
 
 def check_integration(integration: str, steps: int) -> None:
     """ValueError naming ``integration`` unless it is one of :data:`INTEGRATION_RULES` usable with
-    ``steps`` path points (``riemann_trapezoid`` needs ``steps >= 2``)."""
+    ``steps`` path points (captum's Riemann rules need ``steps >= 2``, as in captum)."""
     check_choice("integration", integration, INTEGRATION_RULES)
-    if integration == "riemann_trapezoid" and steps < 2:
-        raise ValueError(f"integration='riemann_trapezoid' needs steps >= 2 (its two end points carry half "
-                         f"weight; captum also refuses n_steps=1), got steps={steps}")
+    if integration.startswith("riemann_") and steps < 2:
+        raise ValueError(f"integration={integration!r} needs steps >= 2 (captum's Riemann rules refuse "
+                         f"n_steps=1 too), got steps={steps}")
 
 
 @functools.lru_cache(maxsize=64)
@@ -162,9 +162,10 @@ def integration_rule(integration: str = DEFAULT_INTEGRATION, steps: int = 10, dt
     * captum 0.9's rules, same nodes and weights: ``riemann_left`` ``a_k = k / M``,
       ``riemann_right`` ``(k + 1) / M``, ``riemann_middle`` ``(k + 1/2) / M`` (all ``w_k = 1 / M``);
       ``riemann_trapezoid`` ``a_k = k / (M - 1)``, ``w_k = 1 / M`` halved at both ends (sum
-      ``(M - 1) / M``, as captum; M >= 2); ``gausslegendre`` the M-point Gauss-Legendre rule on [0, 1].
+      ``(M - 1) / M``, as captum); ``gausslegendre`` the M-point Gauss-Legendre rule on [0, 1]. The
+      Riemann rules need M >= 2, as in captum.
 
-    Raises ValueError for an unknown rule, a non-positive ``steps`` or ``riemann_trapezoid`` with
+    Raises ValueError for an unknown rule, a non-positive ``steps`` or a Riemann rule with
     ``steps`` = 1.
     """
     check_positive("steps", steps, integer=True)
