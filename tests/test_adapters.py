@@ -298,3 +298,22 @@ def test_evaluate_forwards_saliency_kwargs_and_seeds_an_attribution_object(setup
     assert res["dissimilarity"] == 0.0  # the "attribution" is the noise only: same draws, same maps
     with pytest.raises(TypeError, match="unexpected keyword"):
         upi_fast.evaluate(model, delta, (X, y), saliency=Recording(), saliency_kwargs={"steps": 3})
+
+
+def test_explain_func_integration_rule_matches_saliency(setup, model64):
+    """The integration rule reaches the maps (constructor and per call), and a bad rule names the argument."""
+    model, X, y, _ = setup
+    X64 = X.double()
+    for rule in ("gausslegendre", "riemann_middle"):
+        ref = saliency(model64, X64, y, method="integrated", steps=7, integration=rule).reshape(5, 1, 7, 6).numpy()
+        got = adapters.QuantusExplainFunc(method="integrated", steps=7, integration=rule)(model, X.numpy(), y.numpy())
+        np.testing.assert_allclose(got, ref, rtol=0, atol=_f32_bound(ref))  # the same network in float64
+        per_call = adapters.QuantusExplainFunc(method="integrated", steps=7)(model, X.numpy(), y.numpy(),
+                                                                            integration=rule)
+        np.testing.assert_array_equal(per_call, got)
+    default = saliency(model64, X64, y, method="integrated", steps=7).reshape(5, 1, 7, 6).numpy()
+    assert np.abs(default - ref).max() > 100 * _f32_bound(ref)  # the rules differ far beyond rounding
+    with pytest.raises(ValueError, match="integration"):
+        adapters.QuantusExplainFunc(method="integrated", integration="trapezoid")
+    with pytest.raises(ValueError, match="integration='riemann_left' needs steps >= 2"):
+        adapters.QuantusExplainFunc(method="integrated", steps=1, integration="riemann_left")

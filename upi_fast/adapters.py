@@ -29,7 +29,7 @@ from torch import nn
 
 from ._checks import DeviceLike, ModelLike, check_choice, check_positive
 from .evaluate import AttributionMethod
-from .saliency import METHODS, POSTPROCESS, TARGET_KINDS, saliency
+from .saliency import DEFAULT_INTEGRATION, INTEGRATION_RULES, METHODS, POSTPROCESS, TARGET_KINDS, check_integration, saliency
 from .solvers._common import resolve_device
 
 __all__ = ["quantus_explain_func", "QuantusExplainFunc", "quantus_perturb_func", "UPIPerturbFunc",
@@ -37,7 +37,7 @@ __all__ = ["quantus_explain_func", "QuantusExplainFunc", "quantus_perturb_func",
 
 # Options of :class:`QuantusExplainFunc` that may also be given per call (explain_func_kwargs).
 _SALIENCY_OPTIONS = ("method", "target_kind", "postprocess", "steps", "baseline", "multiply_by_input",
-                     "noise_std", "n_samples")
+                     "noise_std", "n_samples", "integration")
 
 
 def _unwrap_model(model: Any) -> ModelLike:
@@ -99,6 +99,8 @@ class QuantusExplainFunc:
         multiply_by_input: multiply the gradient by ``inputs - baseline``.
         noise_std: smoothgrad noise standard deviation (model input units).
         n_samples: smoothgrad draws.
+        integration: integrated-gradients rule (:data:`upi_fast.saliency.INTEGRATION_RULES`: the
+            authors' ``"uniform_endpoints"`` default, or captum's ``"riemann_*"`` / ``"gausslegendre"``).
         batch_size: compute at most this many inputs at a time (None: all at once).
         device: where to compute (default: the model's device). Quantus passes its own ``device``
             keyword on each call, which takes precedence.
@@ -106,16 +108,16 @@ class QuantusExplainFunc:
 
     Per-call keyword arguments (Quantus's ``explain_func_kwargs``) may override ``device`` and any
     of ``method``, ``target_kind``, ``postprocess``, ``steps``, ``baseline``,
-    ``multiply_by_input``, ``noise_std``, ``n_samples``; any other keyword is a TypeError.
+    ``multiply_by_input``, ``noise_std``, ``n_samples``, ``integration``; any other keyword is a TypeError.
     """
 
     def __init__(self, method: str = "simple", target_kind: str = "prob", postprocess: str = "abs_sum_l1",
                  steps: int = 10, baseline: Any = None, multiply_by_input: bool = False, noise_std: float = 0.0,
                  n_samples: int = 1, batch_size: int | None = None, device: DeviceLike | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, integration: str = DEFAULT_INTEGRATION) -> None:
         self.options = self._check({"method": method, "target_kind": target_kind, "postprocess": postprocess,
                                     "steps": steps, "baseline": baseline, "multiply_by_input": multiply_by_input,
-                                    "noise_std": noise_std, "n_samples": n_samples})
+                                    "noise_std": noise_std, "n_samples": n_samples, "integration": integration})
         if batch_size is not None:
             check_positive("batch_size", batch_size, integer=True)
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -132,6 +134,10 @@ class QuantusExplainFunc:
         check_positive("n_samples", opts["n_samples"], integer=True)
         if opts["method"] == "smoothgrad" and opts["noise_std"] == 0:
             raise ValueError("noise_std must be > 0 for method='smoothgrad'")
+        if opts["method"] == "integrated":
+            check_integration(opts["integration"], opts["steps"])
+        else:
+            check_choice("integration", opts["integration"], INTEGRATION_RULES)
         return opts
 
     def __call__(self, model: Any, inputs: np.ndarray | torch.Tensor, targets: Any, **kwargs: Any) -> np.ndarray:
@@ -165,7 +171,8 @@ class QuantusExplainFunc:
             maps = saliency(net, x[i:i + step], y[i:i + step], method=opts["method"],
                             target_kind=opts["target_kind"], postprocess=opts["postprocess"], steps=opts["steps"],
                             baseline=opts["baseline"], multiply_by_input=opts["multiply_by_input"],
-                            noise_std=opts["noise_std"], n_samples=opts["n_samples"], generator=gen)
+                            noise_std=opts["noise_std"], n_samples=opts["n_samples"], generator=gen,
+                            integration=opts["integration"])
             out.append(maps.detach())
         maps = torch.cat(out) if out else x.new_zeros((0,))
         B, C, H, W = x.shape

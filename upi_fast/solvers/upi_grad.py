@@ -26,7 +26,10 @@ from .._checks import DeviceLike, ModelLike, NormLike, check_choice, check_model
 from ..checkpoint import generator_state, set_generator_state
 from ..distributed import current
 from ..hvp import _loss_grad
+from ..data import derive_seed
+from ..dissimilarity import dissimilarity as dissimilarity_fn
 from ..projection import project, random_in_ball, steepest_step
+from ..saliency import postprocess_maps, raw_gradient, smoothgrad_noise
 from ._batches import CleanBatches, batch_noise
 from ._common import (DataLike, FastLike, SurrogateLike, autocast_factory, autograd_errors, check_common,
                       check_fast, check_flag, check_hvp, check_precision, default_noise_std, make_spec, resolve_device,
@@ -34,6 +37,7 @@ from ._common import (DataLike, FastLike, SurrogateLike, autocast_factory, autog
 from ._fast import FastSteps, fast_config
 from ._microbatch import MicroBatcher
 from ._state import RunCheckpoints, check_checkpoint_args
+from .upi_pca import UPIPCA
 
 __all__ = ["UPIGrad"]
 
@@ -44,6 +48,7 @@ INITS = ("pca", "random")
 #: explore the ball from a random point, small ones that refine the UPI-PCA start (chosen by 2-fold
 #: cross-validation inside the digits attack split, never on the evaluation split).
 _LR_FRACTION = {"random": 0.5, "pca": 0.02}
+_SALT_SCORES = 0x5343  # smoothgrad draws of the final attack scores: derive_seed(seed, salt, batch, rank)
 
 
 class UPIGrad:
@@ -169,6 +174,7 @@ class UPIGrad:
         self.surrogate, self.preserve_labels, self.seed = surrogate, float(preserve_labels), seed
         self.device, self.progress, self.fd_step, self.lr_schedule = device, progress, fd_step, lr_schedule
         self.saliency, self.target_kind, self.dissimilarity = saliency, target_kind, dissimilarity
+        self.saliency_kwargs = dict(saliency_kwargs or {})
 
     def _default_lr(self, d: int) -> float:
         f = _LR_FRACTION[self.init]
@@ -206,11 +212,12 @@ class UPIGrad:
             ckpt = RunCheckpoints(self.checkpoint_dir, self.checkpoint_every, "UPIGrad",
                                   self._config(stream), comm, resume)
             gen = torch.Generator(device=device).manual_seed(self.seed)
-            delta = random_in_ball(shape, self.eps, self.norm, generator=gen, device=device)
-            st = _GradState(delta, _Adam(delta) if self.optimizer == "adam" else None, gen)
+            found = ckpt.restore() if resume else None
+            start = self._start(data, shape, gen, device, found)
+            st = _GradState(start.clone(), _Adam(start) if self.optimizer == "adam" else None, gen,
+                            None if self.init == "random" else start)
             self._fast = FastSteps.for_solver(self)
-            if resume:
-                st.restore(ckpt.restore(), device)
+            st.restore(found, device)
             total = self.epochs * stream.batches_per_epoch
             show = self.progress and comm.is_main
             with tqdm(total=total or None, initial=st.batch_count, desc="UPI-Grad", disable=None if show else True,
@@ -224,8 +231,10 @@ class UPIGrad:
                         if st.history:
                             bar.set_postfix(loss=f"{st.history[-1]:.4f}")
                     st.end_epoch()
-            delta = comm.broadcast_(st.delta)
+            delta, self.start_score_, self.score_, self.refined_ = self._choose(st, stream, autocast)
+            delta = comm.broadcast_(delta.clone())
         self.delta_ = delta.detach().float().cpu()
+        self.start_ = start.detach().float().cpu().clone()
         self.history_ = list(st.history)
         self.n_samples_ = stream.n_correct if stream.kind == "cached" else st.epoch_correct
         self.n_steps_ = len(st.history)
@@ -234,17 +243,81 @@ class UPIGrad:
         self.fit_time_ = time.perf_counter() - t0
         return self
 
+    def _start(self, data, shape, gen, device, found) -> torch.Tensor:
+        """The first iterate: a random point of the ball, the start a resumed run began from, or the
+        UPI-PCA perturbation of ``data`` (same settings; every process gets the same one)."""
+        if self.init == "random":
+            return random_in_ball(shape, self.eps, self.norm, generator=gen, device=device)
+        if found is not None:
+            return found[0]["start"].to(device, torch.float32)
+        pca = UPIPCA(self.model, self.eps, norm=self.norm, saliency=self.saliency, target_kind=self.target_kind,
+                     dissimilarity=self.dissimilarity, noise_std=self.noise_std, batch_size=self.batch_size,
+                     seed=self.seed, device=device, progress=self.progress, hvp=self.hvp, surrogate=self.surrogate,
+                     saliency_kwargs=self.saliency_kwargs, fd_step=self.fd_step, precision=self.precision,
+                     oom_retry=self.oom_retry, fast=self.fast).fit(data)
+        return pca.delta_.to(device, torch.float32)
+
+    def _choose(self, st: "_GradState", stream, autocast) -> tuple[torch.Tensor, float | None, float | None, bool]:
+        """``(delta, start score, score of delta, refined)``: with a UPI-PCA start, the better of the
+        start and the last iterate by mean attack loss on the attack data; else the last iterate."""
+        if st.start is None:
+            return st.delta, None, None, True
+        s_start, s_last = self._attack_scores(stream, (st.start, st.delta), autocast)
+        if s_last >= s_start:
+            return st.delta, s_start, s_last, True
+        return st.start, s_start, s_start, False
+
+    def _attack_scores(self, stream, deltas, autocast) -> list[float]:
+        """Mean attack loss ``D(I(x), I(x + delta))`` of each of ``deltas`` over the attack data (the
+        samples the stream keeps), summed over all processes' shares: the real network, no smoothing
+        noise, smoothgrad's draws shared by the clean and every perturbed map."""
+        s = self.spec
+
+        def maps(x, y, noise):
+            with autocast():
+                g = raw_gradient(self.model, x, y, s.method, s.target_kind, False, s.steps, s.baseline,
+                                 s.multiply_by_input, s.smoothgrad_std, s.n_samples, None, noise,
+                                 integration=s.integration)
+            return postprocess_maps(g, s.postprocess).to(x.dtype)
+
+        def part(x, y, gen):
+            noise = smoothgrad_noise(x, s.smoothgrad_std, s.n_samples, gen) if s.method == "smoothgrad" else None
+            ref = maps(x, y, noise)
+            keep = (ref != 0).any(1)  # samples without an interpretation are left out, as in the attack
+            if not bool(keep.all()):
+                x, y, ref = x[keep], y[keep], ref[keep]
+                noise = None if noise is None else noise[:, keep]
+            if x.shape[0] == 0:
+                return [0.0] * len(deltas), 0
+            return [float(dissimilarity_fn(maps(x + d.to(x.dtype), y, noise), ref, s.dissimilarity, k=s.k).sum())
+                    for d in deltas], int(x.shape[0])
+
+        sums, n = [0.0] * len(deltas), 0
+        for batch in stream.epoch(0, maps=False):
+            if not batch.n:
+                continue
+            gen = torch.Generator(device=batch.x.device).manual_seed(
+                derive_seed(self.seed, _SALT_SCORES, batch.index, stream.comm.rank))
+            for _, _, (vals, c) in self._micro.run(lambda lo, hi: part(batch.x[lo:hi], batch.y[lo:hi], gen), batch.n,
+                                                   "the attack scores", generators=(gen,)):
+                sums, n = [a + b for a, b in zip(sums, vals)], n + c
+        *sums, n = stream.comm.sum_floats(*sums, n)
+        return [v / max(n, 1) for v in sums]
+
     def _config(self, stream) -> dict:
         """What must match to resume a checkpoint."""
-        return {"eps": self.eps, "norm": self.norm, "saliency": self.saliency, "target_kind": self.target_kind,
-                "dissimilarity": self.dissimilarity, "spec": spec_fields(self.spec), "epochs": self.epochs,
-                "batch_size": self.batch_size, "lr": self.lr, "optimizer": self.optimizer,
-                "noise_std": self.noise_std, "hvp": self.hvp, "surrogate": self.surrogate,
-                "preserve_labels": self.preserve_labels, "seed": self.seed, "fd_step": self.fd_step,
-                "lr_schedule": self.lr_schedule, "precision": self.precision,
-                "fast": fast_config(self.fast),
-                "data": {"kind": stream.kind, "input_shape": stream.input_shape,
-                         "batches_per_epoch": stream.batches_per_epoch}}
+        cfg = {"eps": self.eps, "norm": self.norm, "saliency": self.saliency, "target_kind": self.target_kind,
+               "dissimilarity": self.dissimilarity, "spec": spec_fields(self.spec), "epochs": self.epochs,
+               "batch_size": self.batch_size, "lr": self.lr, "optimizer": self.optimizer,
+               "noise_std": self.noise_std, "hvp": self.hvp, "surrogate": self.surrogate,
+               "preserve_labels": self.preserve_labels, "seed": self.seed, "fd_step": self.fd_step,
+               "lr_schedule": self.lr_schedule, "precision": self.precision,
+               "fast": fast_config(self.fast),
+               "data": {"kind": stream.kind, "input_shape": stream.input_shape,
+                        "batches_per_epoch": stream.batches_per_epoch}}
+        if self.init != "random":  # absent for the random start, so that earlier checkpoints still resume
+            cfg["init"] = self.init
+        return cfg
 
     def _train_step(self, st: "_GradState", batch, stream, sigma: float, lr: float, total: int, autocast) -> None:
         """One global step: noise for the global batch, this rank's gradient sum, all-reduced into the
@@ -307,14 +380,16 @@ class UPIGrad:
 
     def __repr__(self) -> str:
         return (f"UPIGrad(eps={self.eps}, norm={self.norm}, saliency={self.saliency!r}, hvp={self.hvp!r}, "
-                f"optimizer={self.optimizer!r}, epochs={self.epochs}, batch_size={self.batch_size})")
+                f"optimizer={self.optimizer!r}, epochs={self.epochs}, batch_size={self.batch_size}, init={self.init!r})")
 
 
 class _GradState:
     """Everything a UPI-Grad run carries from step to step (and what a checkpoint holds)."""
 
-    def __init__(self, delta: torch.Tensor, adam: "_Adam | None", gen: torch.Generator) -> None:
+    def __init__(self, delta: torch.Tensor, adam: "_Adam | None", gen: torch.Generator,
+                 start: torch.Tensor | None = None) -> None:
         self.delta, self.adam, self.gen = delta, adam, gen
+        self.start = start  # the UPI-PCA start (None for a random one: nothing to compare with)
         self.epoch = self.batch = self.batch_count = 0  # position: next batch of epoch; batches done
         self.history: list[float] = []
         self.seen = self.correct = 0  # this epoch so far
@@ -336,6 +411,8 @@ class _GradState:
         if self.adam is not None:
             tensors.update({"adam.m": self.adam.m, "adam.v": self.adam.v})
             meta["adam.t"] = self.adam.t
+        if self.start is not None:
+            tensors["start"] = self.start
         return tensors, meta
 
     def restore(self, found, device) -> None:
