@@ -26,7 +26,7 @@ Hessians of the target, hence symmetric; with ``multiply_by_input`` (``r = (x - 
 
 Finite-difference step, per sample: ``h_i = fd_step * mean_j ||x'_j||_2 / ||w_i||_2``, i.e. the
 probe ``h_i w_i`` has norm ``fd_step`` (default 1e-2) times the batch's mean input norm. On a ReLU
-network this sees the activation kinks that the exact Hessian misses (see CALIBRATION.md).
+network this sees the activation kinks that the exact Hessian misses (see docs/calibration.md).
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ median and interquartile range over all timed calls; ``speedup`` is images per s
 ``double_backward`` in the same run; the ``best`` columns use each contender's fastest call, the
 least disturbed by other processes on a shared CPU. ``cos_vs_db``: cosine of the mode's gradient with the
 double-backward gradient (1 for the exact modes; the finite differences see activation switches
-that the exact Hessian of a ReLU network does not, see CALIBRATION.md).
+that the exact Hessian of a ReLU network does not, see docs/calibration.md).
 
 Peak memory, per contender, one call after a warm-up call:
 

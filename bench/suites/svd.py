@@ -10,7 +10,7 @@
    Accuracy: |cos| with the planted top vector and (not with ``--quick``) with a 3-pass block
    Krylov run over the same regenerated stream (timed once, for reference).
 2. **In memory**: n x 150,528 float32 (n = 4,000, or 500 with ``--quick``), planted spectrum with
-   sigma_1 / sigma_2 ~ 1.27 (as in docs/CALIBRATION.md). Exact top vector from ``eigh`` of ``A A^T``;
+   sigma_1 / sigma_2 ~ 1.27 (as in docs/calibration.md). Exact top vector from ``eigh`` of ``A A^T``;
    contenders: ``torch.svd_lowrank(q=6, niter=2)``, scikit-learn ``randomized_svd(k=1,
    n_oversamples=5, n_iter=2)`` and ``(10, 7)``, and ours (subspace / block Krylov / single-pass
    sketch / frequent directions), all on the same tensor. Reported: median time over interleaved
