@@ -180,7 +180,7 @@ void sketch_update_cuda(at::Tensor& W, const at::Tensor& A_in, int64_t row_offse
   if (k == 0 || d == 0 || b == 0) return;
   const c10::cuda::CUDAGuard guard(W.device());
   at::Tensor A = A_in.contiguous();
-    // A read while W is written
+  if (at::get_overlap_status(W, A) != at::MemOverlapStatus::No) A = A.clone();  // A read while W is written
   at::Tensor inv = normalize ? at::empty({b}, W.options()) : at::Tensor();
   const int sm = multiprocessor_count();
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();

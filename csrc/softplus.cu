@@ -135,7 +135,7 @@ void launch_elementwise(const ElementwisePtrs<scalar_t, NI, NO>& p, int64_t n, O
   for (int k = 0; k < NI; ++k) vec = vec && is_aligned(p.in[k], 16);
   for (int k = 0; k < NO; ++k) vec = vec && is_aligned(p.out[k], 16);
   const int64_t items = vec ? n / V + n % V : n;
-  const int64_t max_blocks = static_cast<int64_t>(sm_count > 0 ? sm_count : 1) * 4;
+  const int64_t max_blocks = static_cast<int64_t>(sm_count > 0 ? sm_count : 1) * 8;
   int64_t blocks = (items + kSoftplusThreads - 1) / kSoftplusThreads;
   if (blocks > max_blocks) blocks = max_blocks;
   auto* softplus_elementwise = &elementwise_kernel<scalar_t, NI, NO, Op>;
@@ -273,7 +273,7 @@ at::Tensor softplus_cuda(const at::Tensor& x, double beta) {
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
-  const at::Tensor xl = x;
+  const at::Tensor xl = in_layout_of(x, y);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upi_fast::softplus", [&] {
     softplus_forward_raw<scalar_t>(xl.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), x.numel(), beta,

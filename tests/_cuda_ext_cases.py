@@ -32,7 +32,9 @@ ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 SOFTPLUS_SHAPES = [(1,), (1037,), (3, 5, 7), (4099 * 3 + 1,), (2, 3, 33, 65)]
-SOFTPLUS_LAYOUTS = ["transposed", "channels_last", "mixed"]
+# layouts of (x, grad_y): permuted (dense), channels_last both or x only, x a strided slice (not
+# dense: the output is contiguous, x is copied), grad_y broadcast (stride 0, as autograd makes it)
+SOFTPLUS_LAYOUTS = ["transposed", "channels_last", "mixed", "sliced", "expanded"]
 # z = beta x around the threshold (20) and far out in both directions: finite outputs, y = x above.
 SOFTPLUS_EDGE_Z = [-1e4, -80.0, -30.0, -1e-6, 0.0, 1e-6, 19.99, 20.01, 30.0, 80.0, 1e4]
 # (B, C, H, W): N = H W odd or even, below and above one block's 256 threads x 4-vector, one chunk
@@ -96,10 +98,14 @@ def check_softplus_layout(target, layout, device) -> None:
         x, gy = x.transpose(1, 3), gy.transpose(1, 3)
     elif layout == "channels_last":
         x, gy = x.to(memory_format=torch.channels_last), gy.to(memory_format=torch.channels_last)
-    else:
+    elif layout == "mixed":
         x = x.to(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = torch.randn(4, 6, 9, 23, generator=gen, device=device)[..., 1::2]
+    else:
+        gy = torch.randn(1, 6, 1, 11, generator=gen, device=device).expand(4, 6, 9, 11)
     y, gx = target.call(lambda: (target.ops.softplus(x, 4.0), target.ops.softplus_backward(gy, x, 4.0)))
-    assert y.stride() == torch.empty_like(x).stride() == gx.stride()
+    assert y.stride() == torch.empty_like(x).stride() == gx.stride() and y.shape == x.shape
     assert_rel(y, softplus_reference(x.double(), 4.0), torch.float32, f"{target.name} softplus {layout}")
     assert_rel(gx, softplus_backward_reference(gy.double(), x.double(), 4.0), torch.float32,
                f"{target.name} softplus_backward {layout}")
@@ -267,8 +273,9 @@ def check_sketch_errors_and_merge(target, device, other_device) -> None:
     target.call(lambda: ops.sketch_update(parts, A[:37], 1000, 5, True))
     target.call(lambda: ops.sketch_update(parts, A[37:], 1037, 5, True))
     torch.testing.assert_close(parts, whole, rtol=1e-12, atol=1e-12)
-    # A overlapping W (a view of it): A is read as it was before the update
-    W2 = torch.randn(8, 64, device=device, dtype=torch.float64)
+    # A overlapping W (a view of rows 2..4, which the first tile of 16 sketch rows writes and the
+    # second reads): A is read as it was before the update
+    W2 = torch.randn(20, 64, device=device, dtype=torch.float64)
     want = W2.clone()
     sketch_update_reference(want, W2[2:5].clone(), 0, 9, True)
     target.call(lambda: ops.sketch_update(W2, W2[2:5], 0, 9, True))

@@ -4,19 +4,15 @@
   a C++ kernel registered for the ``CUDA`` key of every op, and the backend switch moving the
   ``CUDA`` key between the C++ kernels and the Python router, checked with ``_dispatch_dump``.
   Skipped when the extension is not built, unless ``UPI_FAST_REQUIRE_EXT=1`` (CI), which fails.
-* The kernels' logic, without a GPU: ``csrc/*.cu`` compiled by g++ under the host emulator of
-  ``csrc/emulate/`` and compared with the float64 PyTorch references (odd sizes, both vector and
-  scalar paths, several chunks per sample, outputs poisoned with NaN).
+* (The kernels and their host code without a GPU, under the emulator of ``csrc/emulate/``, are
+  tested in ``tests/test_cuda_host_emulated.py``.)
 * The build configuration of ``setup_cuda.py`` (toolkit discovery through a wrapper ``nvcc``,
   architecture flags, the ``UPI_FAST_BUILD_CUDA`` switch).
 """
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -26,10 +22,6 @@ import torch
 
 import upi_fast
 import upi_fast.ops as ops
-from upi_fast.ops.saliency_dissim import saliency_dissim_reference
-from upi_fast.ops.sketch_update import rademacher_columns, sketch_update_reference
-from upi_fast.ops.softplus import (softplus_backward_reference, softplus_double_backward_reference,
-                                   softplus_reference)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRE_EXT = os.environ.get("UPI_FAST_REQUIRE_EXT", "0") not in ("", "0")
@@ -158,157 +150,6 @@ def test_extension_loaded_after_the_router_does_not_shadow_it(ext):
     env = {k: v for k, v in os.environ.items() if k != "UPI_FAST_BACKEND"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
-
-
-# ------------------------------------------------------------------------------------------------
-# The kernels under the host emulator
-# ------------------------------------------------------------------------------------------------
-_EMU_SOURCES = ["csrc/upi_fast.h", "csrc/saliency_dissim.cu", "csrc/softplus.cu", "csrc/sketch_update.cu",
-                "csrc/emulate/emulate.h", "csrc/emulate/harness.cpp"]
-_DT = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-
-
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    """The kernels compiled for the host (cached by source hash), loaded with ctypes."""
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler to build the host emulation of the kernels")
-    digest = hashlib.sha256()
-    for rel in _EMU_SOURCES:
-        with open(os.path.join(ROOT, rel), "rb") as fh:
-            digest.update(fh.read())
-    digest.update(torch.__version__.encode())
-    cache = os.environ.get("UPI_FAST_CACHE") or str(tmp_path_factory.mktemp("emu"))
-    os.makedirs(cache, exist_ok=True)
-    lib_path = os.path.join(cache, f"upi_emu_{digest.hexdigest()[:16]}.so")
-    if not os.path.exists(lib_path):
-        tmp = f"{lib_path}.{os.getpid()}.tmp"
-        cmd = [cxx, "-std=c++20", "-O1", "-U_FORTIFY_SOURCE", "-shared", "-fPIC",
-               "-I" + os.path.join(os.path.dirname(torch.__file__), "include"),
-               os.path.join(ROOT, "csrc", "emulate", "harness.cpp"), "-o", tmp]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stderr[-4000:]
-        os.replace(tmp, lib_path)
-    lib = ctypes.CDLL(lib_path)
-    P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.upi_emu_softplus.argtypes = [INT, INT, P, P, P, P, P, I64, ctypes.c_double, INT]
-    lib.upi_emu_saliency_workspace.restype = I64
-    lib.upi_emu_saliency_workspace.argtypes = [INT, I64, I64, INT]
-    lib.upi_emu_saliency.argtypes = [INT, P, P, P, P, P, I64, I64, I64, INT, INT]
-    lib.upi_emu_sketch.argtypes = [INT, INT, P, P, P, I64, I64, I64, I64, I64, INT, INT]
-    lib.upi_emu_rademacher_negative.restype = ctypes.c_uint32
-    lib.upi_emu_rademacher_negative.argtypes = [ctypes.c_uint32] * 3
-    return lib
-
-
-def _p(t):
-    return ctypes.c_void_p(t.data_ptr()) if t is not None else None
-
-
-def _nan_like(t):
-    return torch.full_like(t, float("nan"))
-
-
-def _offset(t, off):
-    """``t``'s values in a buffer starting ``off`` elements in (off = 1: not 16-byte aligned)."""
-    buf = torch.empty(t.numel() + off, dtype=t.dtype)
-    out = buf[off:]
-    out.copy_(t.reshape(-1))
-    return out.view(t.shape)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,off", [(1037, 0), (1037, 1), (3, 0), (4099, 0)])
-def test_emulated_softplus_kernels(emu, dtype, n, off):
-    torch.manual_seed(n + off)
-    x = _offset((torch.randn(n, dtype=torch.float64) * 4).to(dtype), off)
-    x[0] = 30.0  # above the threshold: y = x
-    gy, gg = (_offset(torch.randn(n, dtype=torch.float64).to(dtype), off) for _ in range(2))
-    beta = 2.5
-    tol = {torch.float32: 2e-6, torch.float64: 1e-13, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
-    xd, gyd, ggd = x.double(), gy.double(), gg.double()
-
-    y = _offset(_nan_like(x), off)
-    assert emu.upi_emu_softplus(_DT[dtype], 0, _p(x), None, None, _p(y), None, n, beta, 2) == 0
-    torch.testing.assert_close(y.double(), softplus_reference(xd, beta), rtol=tol, atol=tol)
-
-    gx = _offset(_nan_like(x), off)
-    assert emu.upi_emu_softplus(_DT[dtype], 1, _p(gy), _p(x), None, _p(gx), None, n, beta, 2) == 0
-    torch.testing.assert_close(gx.double(), softplus_backward_reference(gyd, xd, beta), rtol=tol, atol=tol)
-
-    o1, o2 = _offset(_nan_like(x), off), _offset(_nan_like(x), off)
-    assert emu.upi_emu_softplus(_DT[dtype], 2, _p(gg), _p(gy), _p(x), _p(o1), _p(o2), n, beta, 2) == 0
-    r1, r2 = softplus_double_backward_reference(ggd, gyd, xd, beta)
-    torch.testing.assert_close(o1.double(), r1, rtol=tol, atol=tol)
-    torch.testing.assert_close(o2.double(), r2, rtol=tol, atol=tol * beta)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(3, 3, 9, 7),     # N = 63: scalar path, one chunk
-                                   (2, 2, 16, 32),   # N = 512: vector path
-                                   (1, 2, 40, 53),   # N = 2120: vector path, 3 chunks per sample
-                                   (2, 1, 37, 41),   # N = 1517: scalar path, 2 chunks per sample
-                                   (2, 3, 1, 1)])
-def test_emulated_saliency_dissim_kernels(emu, dtype, shape):
-    B, C, H, W = shape
-    N = H * W
-    torch.manual_seed(B * 1000 + N)
-    g = torch.randn(shape, dtype=torch.float64)
-    if H > 1:
-        g[0, :, : H // 3] = 0.0  # zero entries: sign(g) = 0
-    if B > 1:
-        g[1] = 0.0  # an all-zero map: I = 0, zero gradient
-    ref = torch.rand(B, N, dtype=torch.float64)
-    ref /= ref.sum(1, keepdim=True)
-    g, ref = g.to(dtype), ref.to(dtype)
-    ws_n = emu.upi_emu_saliency_workspace(_DT[dtype], B, N, 2)
-    # natural size of the gradient entries, 1 / (||S||_1 ||ref||), for the absolute tolerance
-    s1 = g.double().abs().sum((1, 2, 3))
-    natural = (1.0 / (s1[s1 > 0] * ref.double()[s1 > 0].norm(dim=1))).max().item() if (s1 > 0).any() else 1.0
-    for kind_id, kind in enumerate(("l2", "rel_l2", "cosine")):
-        want_loss, want_grad = saliency_dissim_reference(g.double(), ref.double(), kind, True)
-        for with_grad in (True, False):
-            loss = torch.full((B,), float("nan"), dtype=dtype)
-            grad = _nan_like(g) if with_grad else None
-            ws = torch.full((ws_n,), float("nan"), dtype=dtype)
-            assert emu.upi_emu_saliency(_DT[dtype], _p(g), _p(ref), _p(loss), _p(grad), _p(ws), B, C, N,
-                                        kind_id, 2) == 0
-            tol = 1e-5 if dtype == torch.float32 else 1e-12
-            torch.testing.assert_close(loss.double(), want_loss, rtol=tol, atol=tol)
-            if with_grad:
-                torch.testing.assert_close(grad.double(), want_grad, rtol=tol * 10, atol=tol * natural)
-
-
-@pytest.mark.parametrize("w_dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("a_dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_emulated_sketch_update_kernels(emu, w_dtype, a_dtype):
-    torch.manual_seed(7)
-    for k, b, d, row_offset, seed, normalize in ((5, 37, 301, 123_456, 77, True),
-                                                 (20, 45, 513, 2**32 - 45, -5, False),  # two sketch-row tiles
-                                                 (3, 1, 1, 0, 2**40 + 3, True)):
-        W0 = torch.randn(k, d, dtype=torch.float64)
-        A = torch.randn(b, d, dtype=torch.float64).to(a_dtype)
-        if b > 3:
-            A[3] = 0  # a zero row stays zero when normalised
-        W = W0.to(w_dtype).clone()
-        want = W.double().clone()
-        inv = torch.full((b,), float("nan"), dtype=w_dtype)
-        assert emu.upi_emu_sketch(_DT[w_dtype], _DT[a_dtype], _p(W), _p(A), _p(inv), k, b, d, row_offset, seed,
-                                  int(normalize), 2) == 0
-        sketch_update_reference(want, A, row_offset, seed, normalize)
-        tol = 2e-6 * (b ** 0.5) * 4 if w_dtype == torch.float32 else 1e-12
-        torch.testing.assert_close(W.double(), want, rtol=tol, atol=tol)
-
-
-def test_emulated_generator_is_bit_identical_to_rademacher_columns(emu):
-    for seed in (0, 1, 12345, 2**32 - 1):
-        for start in (0, 1_000_003, 2**32 - 50):
-            rows = torch.arange(start, start + 50)
-            want = rademacher_columns(seed, rows, 37)  # (k, b) of +-1
-            got = torch.tensor([[-1.0 if emu.upi_emu_rademacher_negative(seed, int(r), j) else 1.0
-                                 for r in rows.tolist()] for j in range(37)])
-            assert torch.equal(got, want), (seed, start)
 
 
 # ------------------------------------------------------------------------------------------------

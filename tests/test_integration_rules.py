@@ -33,7 +33,7 @@ S = importlib.import_module("upi_fast.saliency")  # (the attribute upi_fast.sali
 captum_attr = pytest.importorskip("captum.attr")
 from captum.attr._utils.approximation_methods import approximation_parameters  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.numerics]
 
 F64 = torch.float64
 EPS64 = torch.finfo(F64).eps

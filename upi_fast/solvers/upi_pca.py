@@ -284,7 +284,8 @@ class UPIPCA:
         shape = stream.input_shape
         d = math.prod(shape)
         sigma = self.noise_std if self.noise_std is not None else default_noise_std(self.eps, self.norm, d)
-        n_est = stream.n_correct or len(getattr(data, "dataset", ()))
+        ds = getattr(data, "dataset", None)  # an IterableDataset may have no length: 0, unknown
+        n_est = stream.n_correct or (len(ds) if hasattr(ds, "__len__") else 0)
         solver = resolve_solver(self.solver, d, n_est, self.memory_budget,
                                 multi_pass_ok=not comm.active and self.checkpoint_dir is None)
         if solver in ("subspace", "block_krylov") and (comm.active or self.checkpoint_dir is not None):
