@@ -2,7 +2,9 @@
 
 ``pip install -e .`` installs the Python package (``upi_fast``, with ``kernels/`` as
 ``upi_fast.kernels`` and ``bench/`` as ``upi_fast.bench``). The optional C++/CUDA extension
-``upi_fast._C`` is described in ``csrc/`` and built by :func:`cuda_extensions`.
+``upi_fast._C`` is described in ``csrc/`` and built by :func:`cuda_extensions`: by default only on a
+machine with a GPU (``UPI_FAST_BUILD_CUDA`` unset or ``auto``; ``1`` builds it without one, as CI does,
+``0`` never), so a CPU-only install never spends minutes compiling it.
 
 ``python -m build`` makes an sdist (MANIFEST.in: sources, csrc/, kernels/, bench/, docs/, examples/,
 tests/) and a wheel from it. Under build isolation torch is absent from the build environment, so
@@ -61,6 +63,8 @@ setup(
         "dev": ["pytest", "hypothesis", "torchvision", "pillow", "build", "setuptools>=64", "wheel", "ninja",
                 "pybind11"],
         "vision": ["torchvision", "pillow"],
+        # upi_fast.art: UPI-Grad / UPI-PCA as Adversarial Robustness Toolbox attacks (tested with 1.20.1).
+        "art": ["adversarial-robustness-toolbox"],
     },
     entry_points={"console_scripts": ["upi-fast=upi_fast.cli:main"]},
     ext_modules=ext_modules,

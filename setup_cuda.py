@@ -5,8 +5,11 @@
 * ``0`` (or ``false``/``no``/``off``): never build it;
 * ``1`` (or ``true``/``yes``/``on``): build it, and fail with a clear message when that is impossible
   (torch not importable in the build environment, a CPU-only torch, no CUDA toolkit);
-* unset or ``auto``: build it when torch is importable, is a CUDA build, and a CUDA toolkit is found;
-  otherwise skip it with a message (the Triton and PyTorch backends still work).
+* unset or ``auto``: build it when torch is importable, is a CUDA build, a GPU is present
+  (``torch.cuda.is_available()``, or ``nvidia-smi -L`` lists a device) and a CUDA toolkit is found;
+  otherwise skip it with one line saying why and how to force it (the Triton and PyTorch backends
+  still work). A machine with nvcc but no GPU therefore does not spend minutes compiling a module
+  it can never use; CI (``.ci/build_ext.sh``) sets ``UPI_FAST_BUILD_CUDA=1`` to compile without one.
 
 torch must be importable while building, so install with ``pip install --no-build-isolation -e .``
 (under build isolation torch is absent from the build environment and the extension is skipped).
@@ -29,7 +32,7 @@ import shutil
 import subprocess
 import sys
 
-__all__ = ["extensions", "find_cuda_home", "arch_flags", "DEFAULT_ARCH_LIST", "SOURCES"]
+__all__ = ["extensions", "find_cuda_home", "gpu_present", "arch_flags", "DEFAULT_ARCH_LIST", "SOURCES"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
@@ -177,6 +180,28 @@ def _unavailable(mode: str, reason: str):
     return [], {}
 
 
+def gpu_present() -> tuple[bool, str]:
+    """``(True, how it was seen)`` when this machine has a CUDA GPU: ``torch.cuda.is_available()``,
+    else ``nvidia-smi -L`` listing at least one device; ``(False, what was tried)`` otherwise."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return True, f"torch sees {torch.cuda.device_count()} CUDA device(s)"
+    except Exception:  # noqa: BLE001 - a broken driver here only means: ask nvidia-smi
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False, "torch.cuda.is_available() is False and there is no nvidia-smi"
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False, "torch.cuda.is_available() is False and nvidia-smi -L failed"
+    gpus = [ln for ln in out.splitlines() if ln.strip().startswith("GPU ")]
+    if gpus:
+        return True, f"nvidia-smi lists {len(gpus)} GPU(s)"
+    return False, "torch.cuda.is_available() is False and nvidia-smi -L lists no GPU"
+
+
 def extensions():
     """``(ext_modules, cmdclass)`` for ``setup()``: the extension ``upi_fast._C`` and torch's
     ``BuildExtension``, or ``([], {})`` when it is not to be built (see the module docstring)."""
@@ -191,6 +216,12 @@ def extensions():
                                   "(install with `pip install --no-build-isolation -e .`)")
     if not torch.version.cuda:
         return _unavailable(mode, f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)")
+    if mode == "auto":
+        has_gpu, why = gpu_present()
+        if not has_gpu:
+            _say(f"skipping the C++/CUDA extension upi_fast._C: no GPU on this machine ({why}); "
+                 f"set UPI_FAST_BUILD_CUDA=1 to build it anyway (about 2 minutes)")
+            return [], {}
     cuda_home = find_cuda_home(torch.version.cuda)
     if cuda_home is None:
         return _unavailable(mode, "no CUDA toolkit found (set CUDA_HOME to the folder whose bin/ holds nvcc "

@@ -8,7 +8,8 @@ Suites (default: all, in this order): ``upi_grad`` (the UPI-Grad step and its fa
 ``run(quick, device) -> dict`` and prints its Markdown tables (every contender on the same inputs in
 one process, after warm-up, median and spread, ratios against the reference of the same run).
 
-Outputs under ``--out`` (default ``bench/results``), in ``<date>-<device>/`` (``<date>-<device>-<N>t/``
+Outputs under ``--out`` (default ``bench/results`` under the current folder; ``upi-fast bench``:
+``upi_out/bench``), in ``<date>-<device>/`` (``<date>-<device>-<N>t/``
 with ``--threads N``; :func:`bench.harness.results_dir`): ``<suite>.json`` per suite (written as soon as the suite ends),
 ``<suite>.png`` (a bar chart of each contender's ratio to its reference), the suites' artifacts
 (e.g. profile tables), and ``summary.md`` / ``summary.json``: the headline table of the whole run with
@@ -144,11 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (tests); implies --quick")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--out", default=None, help="results root (default: bench/results)")
+    parser.add_argument("--out", default=None, help="results root (default: bench/results under the current folder)")
     args = parser.parse_args(argv)
     unknown = [s for s in args.suites if s not in SUITES]
-    if unknown:
-        parser.error(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
+    if unknown:  # one line, exit 2, as upi-fast's errors
+        print(f"{parser.prog}: error: unknown suite {unknown[0]!r}; choose from {', '.join(SUITES)}", file=sys.stderr)
+        return 2
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
     quick = args.quick or args.smoke

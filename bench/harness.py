@@ -153,12 +153,18 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     return info
 
 
+#: Where results go without ``--out``: relative to the current folder (never to this file's folder,
+#: which is the installed package or the source tree). From the repository root that is the
+#: checked-in ``bench/results``.
+DEFAULT_RESULTS_ROOT = os.path.join("bench", "results")
+
+
 def results_dir(device: torch.device | str = "cpu", root: str | None = None, tag: str | None = None) -> str:
-    """``bench/results/<date>-<device>[-<tag>]/`` (created); ``tag`` tells runs of one day apart
-    (e.g. ``"1t"`` for a one-thread run)."""
+    """``<root>/<date>-<device>[-<tag>]/`` (created), ``root`` default :data:`DEFAULT_RESULTS_ROOT`
+    under the current folder; ``tag`` tells runs of one day apart (e.g. ``"1t"`` for a one-thread run)."""
     device = torch.device(device)
     name = device.type if device.type != "cuda" else torch.cuda.get_device_name(device).replace(" ", "_")
-    root = root or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    root = os.path.abspath(root or DEFAULT_RESULTS_ROOT)
     path = os.path.join(root, f"{_dt.date.today().isoformat()}-{name}" + (f"-{tag}" if tag else ""))
     os.makedirs(path, exist_ok=True)
     return path
@@ -206,7 +212,7 @@ def suite_parser(suite: str, doc: str, quick_help: str, *, threads: bool = True,
     if smoke:
         parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--device", default=default_device, choices=["cpu", "cuda"])
-    parser.add_argument("--no-save", action="store_true", help=f"do not write bench/results/.../{suite}.json")
+    parser.add_argument("--no-save", action="store_true", help=f"do not write bench/results/.../{suite}.json (under the current folder)")
     if threads:
         parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     return parser

@@ -35,7 +35,12 @@ from ._checks import check_images, check_labels, check_positive
 __all__ = ["TensorSplit", "DigitsSplits", "digits", "image_folder", "cifar10", "CIFAR10Batches",
            "open_dataset", "split_indices", "make_loader", "as_batches", "RestrictedUnpickler", "UnsafePickleError",
            "safe_pickle_load",
-           "derive_seed", "epoch_order", "global_batches", "ShareSampler", "share_loader"]
+           "derive_seed", "epoch_order", "global_batches", "ShareSampler", "share_loader",
+           "DEFAULT_IMAGE_FOLDER_SIZE", "dataset_num_classes", "stored_image_sizes", "resize_note"]
+
+#: Side of the square an ImageFolder's images are resized / centre-cropped to when no ``size`` is given:
+#: 224, the input size torchvision's ImageNet classifiers were trained at.
+DEFAULT_IMAGE_FOLDER_SIZE = 224
 
 
 # --------------------------------------------------------------------------------------------- digits
@@ -398,9 +403,57 @@ def open_dataset(path: str | os.PathLike, size: int | None = None, mean: Sequenc
         train = not (folder / _CIFAR_TEST[0]).is_file()
         return cifar10(root, train=train, mean=mean, std=std, size=size)
     if _is_image_folder(root):
-        return image_folder(root, size=224 if size is None else size, mean=mean, std=std)
+        return image_folder(root, size=DEFAULT_IMAGE_FOLDER_SIZE if size is None else size, mean=mean, std=std)
     raise ValueError(f"{str(root)!r} is neither a CIFAR-10 python folder (data_batch_1..5 / test_batch) nor an "
                      f"ImageFolder (one sub-folder of images per class)")
+
+
+def dataset_num_classes(dataset: Dataset) -> int | None:
+    """How many classes a dataset from :func:`open_dataset` has: an ImageFolder's class folders,
+    CIFAR-10's 10; None when the dataset does not say."""
+    if isinstance(dataset, CIFAR10Batches):
+        return 10
+    classes = getattr(dataset, "classes", None)
+    return len(classes) if isinstance(classes, (list, tuple)) and classes else None
+
+
+def stored_image_sizes(dataset: Dataset, limit: int = 64) -> list[tuple[int, int]]:
+    """The distinct (width, height) of the first ``limit`` images as stored on disk (read from the
+    image headers only), in order of first appearance; CIFAR-10: [(32, 32)]; [] when unknown."""
+    if isinstance(dataset, CIFAR10Batches):
+        return [(32, 32)]
+    samples = getattr(dataset, "samples", None)
+    if not isinstance(samples, list):
+        return []
+    from PIL import Image
+    sizes: list[tuple[int, int]] = []
+    for path, _ in samples[:limit]:
+        try:
+            with Image.open(path) as im:
+                wh = tuple(im.size)
+        except OSError:
+            continue
+        if wh not in sizes:
+            sizes.append(wh)
+    return sizes
+
+
+def resize_note(dataset: Dataset, size: int | None, why: str) -> str | None:
+    """One line saying that (and how) :func:`open_dataset` resizes the images, e.g. ``"resizing
+    images from 64x64 to 224x224 (WHY)"``; None when they are used at their stored size. ``size``
+    is what was passed to :func:`open_dataset`; ``why`` says where it came from."""
+    if size is None and isinstance(dataset, CIFAR10Batches):
+        return None
+    to = DEFAULT_IMAGE_FOLDER_SIZE if size is None else size
+    sizes = stored_image_sizes(dataset)
+    if not sizes or sizes == [(to, to)]:
+        return None
+    if len(sizes) == 1:
+        src = f"{sizes[0][0]}x{sizes[0][1]}"
+    else:
+        src = f"{len(sizes)} sizes ({', '.join(f'{w}x{h}' for w, h in sizes[:3])}{', ...' if len(sizes) > 3 else ''})"
+    how = "" if isinstance(dataset, CIFAR10Batches) else "shorter side, then centre crop; "
+    return f"resizing images from {src} to {to}x{to} ({how}{why})"
 
 
 # --------------------------------------------------------------------------------------------- splits, loaders

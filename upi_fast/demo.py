@@ -16,7 +16,7 @@ from . import io, viz
 from .data import digits
 from .evaluate import evaluate
 from .models import digits_cnn
-from .report import format_table, json_report, markdown_report
+from .report import format_eps, format_table, json_report, markdown_report
 from .saliency import saliency
 from .solvers import UPIGrad, UPIPCA
 from .solvers.baselines import classification_uap, per_image_attack, universal_random
@@ -48,7 +48,8 @@ def run_demo(out_dir: str, eps_scale: float = 0.1, seed: int = 0, epochs: int = 
         rows.append({"method": name, **{k: v for k, v in res.items() if k != "per_sample"}, "seconds": secs})
         if isinstance(delta, torch.Tensor):
             deltas[name] = delta
-        log(f"  {name:<22} dissimilarity {res['dissimilarity']:.3f}  fooling {res['fooling_rate']:.3f}  ({secs:.1f} s)")
+        log(f"  {name:<22} dissimilarity {res['dissimilarity']:.3f}  fooling {res['fooling_rate']:.3f}  "
+            f"n {res['n']}/{res['n_total']}  ({secs:.1f} s)")
 
     record("random (mean of 5)", lambda: [universal_random(shape, eps, seed=seed + i) for i in range(random_draws)])
     record("classification UAP", lambda: classification_uap(model, (Xa, ya), eps, epochs=10, seed=seed, progress=progress))
@@ -62,7 +63,8 @@ def run_demo(out_dir: str, eps_scale: float = 0.1, seed: int = 0, epochs: int = 
     res = evaluate(model, lambda x, y: per_image_attack(model, x, y, eps, steps=per_image_steps, seed=seed, hvp=hvp),
                    (Xe, ye))
     rows.append({"method": f"per-image attack ({per_image_steps} steps)", **res, "seconds": time.perf_counter() - t})
-    log(f"  {rows[-1]['method']:<22} dissimilarity {res['dissimilarity']:.3f}  fooling {res['fooling_rate']:.3f}")
+    log(f"  {rows[-1]['method']:<22} dissimilarity {res['dissimilarity']:.3f}  fooling {res['fooling_rate']:.3f}  "
+        f"n {res['n']}/{res['n_total']}")
 
     meta = {"eps": eps, "norm": "2", "model": "digits_cnn", "input_shape": list(shape), "units": "pixels [0, 1]",
             "mean": splits.mean, "std": splits.std}
@@ -76,10 +78,11 @@ def run_demo(out_dir: str, eps_scale: float = 0.1, seed: int = 0, epochs: int = 
     idx = torch.arange(8)
     xs, ys = Xe[idx], ye[idx]
     viz.plot_saliency_grid(xs, saliency(model, xs, ys), saliency(model, xs + best, ys),
-                           os.path.join(out_dir, "saliency_grid.png"), labels=ys.tolist(),
+                           os.path.join(out_dir, "saliency_grid.png"), labels=[f"digit {k}" for k in ys.tolist()],
                            images_after=xs + best, titles=("image", "saliency", "saliency + UPI-Grad", "image + UPI-Grad"))
     figures.append("saliency_grid.png")
-    viz.plot_metric_bars({r["method"]: r for r in rows}, os.path.join(out_dir, "metrics.png"))
+    viz.plot_metric_bars({r["method"]: r for r in rows}, os.path.join(out_dir, "metrics.png"),
+                         title=f"every method at eps = {format_eps(eps)} (L2), digits_cnn, evaluation split")
     figures.append("metrics.png")
     setup = {"data": f"scikit-learn digits {shape}, attack {len(ya)} / eval {len(ye)} images",
              "model": "digits_cnn (small ReLU CNN)", "eps": f"{eps:.4f} (L2; {eps_scale} x mean eval image norm)",

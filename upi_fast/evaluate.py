@@ -209,7 +209,10 @@ def evaluate(model: ModelLike, delta: torch.Tensor | PerturbationFn,
         raise ValueError("every clean saliency map is zero: the model's output does not depend on its input in a "
                          "differentiable way (rounding, argmax or quantisation inside?)")
     if n == 0:
-        raise ValueError("the model classifies none of the samples in data correctly")
+        raise ValueError(f"the model classifies none of the samples in data correctly ({n_total} seen), so there is no "
+                         "saliency map of the true class to compare (metrics use only correctly classified "
+                         "samples): untrained weights, wrong normalisation, or classes in another order than the "
+                         "model's?")
     out = {m: float(v.mean()) for m, v in values.items()}
     out["n"], out["n_total"] = n, n_total
     if return_per_sample:

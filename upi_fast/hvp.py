@@ -30,25 +30,23 @@ network this sees the activation kinks that the exact Hessian misses (see docs/c
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from ._checks import ModelLike, check_choice, check_delta, check_images, check_labels, check_maps, check_model, \
     check_positive, eval_mode
 from .dissimilarity import KINDS as DISSIMILARITIES
 from .dissimilarity import dissimilarity as dissimilarity_fn
+from .hvp_modes import DIRECTIONS, DOUBLE_BACKWARD, HVP_MODES, double_backward
+from .methods import get as get_method
 from .ops.saliency_dissim import KINDS as FUSED_KINDS
 from .ops.saliency_dissim import fused_saliency_loss, saliency_dissim
-from .piecewise import NotPiecewiseLinearError, mark_refused, piecewise_loss_and_direction, resolve_hvp
-from .saliency import DEFAULT_INTEGRATION, Baseline, _baseline_like, _path_points, _weighted_sum, \
-    averaged_gradient, check_saliency_args, postprocess_maps, smoothgrad_noise, target_scores
+from .piecewise import piecewise_or_fallback, resolve_hvp
+from . import saliency as _saliency
+from .saliency import DEFAULT_INTEGRATION, Baseline, check_saliency_args, postprocess_maps
 
 __all__ = ["saliency_loss_grad", "HVP_MODES", "loss_and_direction", "SaliencySpec"]
 
-#: Names accepted by ``hvp=``: how the gradient through the saliency map is obtained (see the module docstring).
-HVP_MODES = ("double_backward", "forward", "finite_difference", "finite_difference_onesided",
-             "piecewise_linear", "auto")
+# HVP_MODES (names accepted by ``hvp=``) and the modes themselves live in :mod:`upi_fast.hvp_modes`.
 
 
 class SaliencySpec:
@@ -73,6 +71,34 @@ class SaliencySpec:
         self.multiply_by_input, self.smoothgrad_std, self.n_samples, self.k = (
             multiply_by_input, smoothgrad_std, n_samples, k)
         self.integration = integration
+
+    @property
+    def saliency_method(self):
+        """The method object (:mod:`upi_fast.methods`) of ``method``."""
+        return get_method(self.method)
+
+    def method_options(self, noise: torch.Tensor | None = None) -> dict:
+        """The keyword options of the method's :meth:`~upi_fast.methods.SaliencyMethod.points`."""
+        return {"steps": self.steps, "baseline": self.baseline, "integration": self.integration, "noise": noise,
+                "rule": _saliency.integration_rule}  # looked up at call time: one public rule function
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the method draws noise (its callers seed a generator for it)."""
+        return self.saliency_method.stochastic
+
+    def draw_noise(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """The method's noise draws for ``x`` (smoothgrad: (n_samples, B, C, H, W)), or None."""
+        return self.saliency_method.draw_noise(x, self.smoothgrad_std, self.n_samples, generator)
+
+    @property
+    def multiplies_input(self) -> bool:
+        """Whether the raw map is ``(x - baseline) * A(x)`` (``multiply_by_input``, or the method's own)."""
+        return self.saliency_method.multiplies(self.multiply_by_input)
+
+    def input_factor(self, xp: torch.Tensor) -> torch.Tensor:
+        """What the averaged gradient at ``xp`` is multiplied by (``xp - baseline``)."""
+        return self.saliency_method.input_factor(xp, self.baseline)
 
     @property
     def fused(self) -> bool:
@@ -101,10 +127,10 @@ class SaliencySpec:
         ``(loss (B,), u, w)``, ``u`` as in :meth:`loss_and_u` of the raw map ``r`` and ``w`` the vector
         the target's Hessian is applied to (``u``, times ``xp - baseline`` with ``multiply_by_input``,
         where ``r = (xp - baseline) * A``)."""
-        if not self.multiply_by_input:
+        if not self.multiplies_input:
             loss, u = self.loss_and_u(A, I_ref)
             return loss, u, u
-        bvec = xp - _baseline_like(self.baseline, xp)
+        bvec = self.input_factor(xp)
         loss, u = self.loss_and_u(bvec * A, I_ref)
         return loss, u, bvec * u
 
@@ -115,57 +141,14 @@ def _noise(x: torch.Tensor, std: float, generator: torch.Generator | None) -> to
     return std * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
-def _avg_grad_func(model, target: torch.Tensor, spec: SaliencySpec, sg_noise) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``A(p)`` written with ``torch.func.grad`` so that ``torch.func.jvp`` can push tangents through it."""
-
-    def tsum(q, tgt):
-        return target_scores(model, q, tgt, spec.target_kind).sum()
-
-    grad_fn = torch.func.grad(tsum)
-
-    def A(p: torch.Tensor) -> torch.Tensor:
-        B = p.shape[0]
-        if spec.method == "simple":
-            return grad_fn(p, target)
-        if spec.method == "integrated":
-            pts, _, w = _path_points(p, spec.baseline, spec.integration, spec.steps)
-            return _weighted_sum(w, grad_fn(pts, target.repeat(spec.steps)), p.shape)
-        n = sg_noise.shape[0]
-        pts = (p.unsqueeze(0) + sg_noise).reshape(n * B, *p.shape[1:])
-        return grad_fn(pts, target.repeat(n)).view(n, *p.shape).mean(0)
-
-    return A
-
-
 def loss_and_direction(model, xp: torch.Tensor, target: torch.Tensor, I_ref: torch.Tensor, spec: SaliencySpec,
                        hvp: str, sg_noise: torch.Tensor | None = None, fd_step: float = 1e-2
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """First-order modes at the evaluation points ``xp`` (B, C, H, W), already perturbed:
-    returns ``(loss (B,), J_r(xp_i)^T u_i (B, C, H, W))`` (per sample, not averaged)."""
-
-    def A_eval(p):
-        return averaged_gradient(model, p, target, method=spec.method, target_kind=spec.target_kind,
-                                 create_graph=False, steps=spec.steps, baseline=spec.baseline, noise=sg_noise,
-                                 integration=spec.integration)
-
-    A0 = A_eval(xp)
-    loss, u, w = spec.loss_u_w(A0, xp, I_ref)
-    if hvp == "forward":
-        _, Hw = torch.func.jvp(_avg_grad_func(model, target, spec, sg_noise), (xp,), (w,))
-    else:
-        B = xp.shape[0]
-        scale = xp.reshape(B, -1).norm(dim=1).mean()
-        wn = w.reshape(B, -1).norm(dim=1)
-        h = torch.where(wn > 0, fd_step * scale / wn.clamp_min(1e-30), torch.zeros_like(wn)).view(B, 1, 1, 1)
-        safe_h = torch.where(h > 0, h, torch.ones_like(h))
-        if hvp == "finite_difference":
-            Hw = (A_eval(xp + h * w) - A_eval(xp - h * w)) / (2 * safe_h)
-        else:
-            Hw = (A_eval(xp + h * w) - A0) / safe_h
-        Hw = torch.where(h > 0, Hw, torch.zeros_like(Hw))
-    if spec.multiply_by_input:
-        Hw = Hw + A0 * u
-    return loss, Hw
+    returns ``(loss (B,), J_r(xp_i)^T u_i (B, C, H, W))`` (per sample, not averaged); ``hvp`` one of
+    ``"forward"``, ``"finite_difference"``, ``"finite_difference_onesided"`` (and
+    ``"piecewise_linear"``: :mod:`upi_fast.hvp_modes`)."""
+    return DIRECTIONS[hvp](model, xp, target, I_ref, spec, sg_noise, fd_step=fd_step)
 
 
 def saliency_loss_grad(model: ModelLike, x: torch.Tensor, target: torch.Tensor, I_ref: torch.Tensor, delta: torch.Tensor,
@@ -219,38 +202,16 @@ def _loss_grad(model, x, target, I_ref, delta, spec: SaliencySpec, hvp: str, noi
     """:func:`saliency_loss_grad` without argument checks (the solvers' hot path)."""
     B = x.shape[0]
     x_eval = x + _noise(x, noise_std, generator)
-    sg_noise = (smoothgrad_noise(x, spec.smoothgrad_std, spec.n_samples, generator)
-                if spec.method == "smoothgrad" else None)
+    sg_noise = spec.draw_noise(x, generator)
+
+    def reduced(mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if mode == DOUBLE_BACKWARD:
+            return double_backward(model, x_eval, delta, target, I_ref, spec, sg_noise, wrt_delta=True)
+        loss, jtu = DIRECTIONS[mode](model, x_eval + delta, target, I_ref, spec, sg_noise, fd_step=fd_step)
+        jtu = jtu.detach() / B
+        return loss.detach(), (jtu.sum(0) if delta.dim() == 3 else jtu)
+
     with eval_mode(model):
-        requested = hvp
-        if hvp in ("auto", "piecewise_linear"):
-            hvp = resolve_hvp(model, (x_eval + delta).detach(), spec, hvp)
-        if hvp == "piecewise_linear":
-            xp = (x_eval + delta).detach()
-            try:
-                loss, jtu = piecewise_loss_and_direction(model, xp, target, I_ref, spec, sg_noise)
-            except NotPiecewiseLinearError as e:  # this batch left the lists: exact or refuse
-                if requested != "auto":
-                    raise ValueError(f"hvp='piecewise_linear' does not apply to this model on this batch: {e}. "
-                                     "Use hvp='double_backward' (exact for any model) or hvp='auto'.") from None
-                mark_refused(model, xp, str(e))
-                hvp = "double_backward"
-            else:
-                jtu = jtu.detach() / B
-                return loss.detach(), (jtu.sum(0) if delta.dim() == 3 else jtu)
-        if hvp == "double_backward":
-            with torch.enable_grad():
-                d = delta.detach().requires_grad_(True)
-                xp = x_eval + d
-                r = averaged_gradient(model, xp, target, method=spec.method, target_kind=spec.target_kind,
-                                      create_graph=True, steps=spec.steps, baseline=spec.baseline, noise=sg_noise,
-                                      integration=spec.integration)
-                if spec.multiply_by_input:
-                    r = (xp - _baseline_like(spec.baseline, xp)) * r
-                loss = spec.loss(r, I_ref)
-                (grad,) = torch.autograd.grad(loss.sum() / B, d)
-            return loss.detach(), grad
         xp = (x_eval + delta).detach()
-        loss, jtu = loss_and_direction(model, xp, target, I_ref, spec, hvp, sg_noise, fd_step)
-    jtu = jtu.detach() / B
-    return loss.detach(), (jtu.sum(0) if delta.dim() == 3 else jtu)
+        mode = resolve_hvp(model, xp, spec, hvp)
+        return piecewise_or_fallback(model, xp, hvp, mode, reduced)

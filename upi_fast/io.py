@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import uuid
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from ._version import __version__
 
 __all__ = ["FORMAT", "save_perturbation", "load_perturbation", "write_bytes_atomic", "write_text_atomic",
-           "write_json_atomic", "to_jsonable"]
+           "write_json_atomic", "to_jsonable", "EVALUATION_DEFAULTS", "evaluation_settings"]
 
 #: Value of the ``"format"`` metadata key that marks a upi_fast perturbation file.
 FORMAT = "upi_fast.perturbation/1"
@@ -33,6 +34,23 @@ FORMAT = "upi_fast.perturbation/1"
 _DELTA_KEY = "delta"
 # Metadata keys every perturbation file carries (None when the caller did not give them).
 _STANDARD_KEYS = ("method", "eps", "norm", "model", "input_shape", "mean", "std", "created", "upi_fast_version")
+
+#: What evaluating a perturbation needs besides the model, as ``upi-fast compute`` records it in the
+#: metadata, and the value assumed when a file lacks the key (or holds None / an invalid value):
+#:
+#: * ``size``: side of the square images (also ``input_shape[-1]``); None: the loader's default;
+#: * ``mean`` / ``std``: the per-channel normalisation the model was wrapped in (None: none), so
+#:   that the perturbation, in pixel units [0, 1], is added before it;
+#: * the saliency map attacked: ``saliency`` (simple / integrated / smoothgrad), ``target_kind``
+#:   (prob / logit), ``integration`` and ``steps`` (integrated gradients' rule and path points M),
+#:   ``smoothgrad_std`` (noise standard deviation, pixel units) and ``smoothgrad_samples`` (draws).
+#:
+#: ``compute`` also records ``eps`` with ``eps_units`` (``"pixels [0, 1]"``) and ``norm`` (``"2"`` /
+#: ``"inf"``), ``eps_pixels`` (the 0-255 budget it was given, or None) and the model: ``model`` (spec),
+#: ``weights`` (file name), ``weights_sha256`` and ``num_classes``.
+EVALUATION_DEFAULTS: dict[str, Any] = {"size": None, "mean": None, "std": None, "saliency": "simple",
+                                       "target_kind": "prob", "integration": "uniform_endpoints", "steps": 10,
+                                       "smoothgrad_std": 0.15, "smoothgrad_samples": 10}
 
 
 # --------------------------------------------------------------------------------------------- atomic writes
@@ -182,6 +200,54 @@ def save_perturbation(path: str | os.PathLike, delta: torch.Tensor, metadata: Ma
             raise TypeError(f"metadata[{k!r}]: {e}") from None
     tensor = delta.detach().to(device="cpu", dtype=torch.float32).contiguous()
     write_bytes_atomic(path, st_save({_DELTA_KEY: tensor}, metadata=encoded))
+
+
+def _floats_or_none(v) -> tuple | None:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = [v]
+    if not isinstance(v, list) or not v:
+        return None
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in v):
+        return None
+    return tuple(float(t) for t in v)
+
+
+def _positive_int_or_none(v) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def evaluation_settings(metadata: Mapping[str, Any], delta_shape: Sequence[int] | None = None) -> dict[str, Any]:
+    """The settings of :data:`EVALUATION_DEFAULTS` that a perturbation file's ``metadata`` states,
+    checked (a missing, None or malformed value is left out, so that the caller falls back on its
+    own value): ``size`` from ``size`` or the square ``input_shape`` (or ``delta_shape``), ``mean`` /
+    ``std`` as tuples of floats (a file stating neither: no normalisation, ``None``, when it was
+    written by ``compute``, which always records both), the saliency settings by type."""
+    from .saliency import INTEGRATION_RULES, METHODS, TARGET_KINDS
+
+    out: dict[str, Any] = {}
+    shape = metadata.get("input_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(_positive_int_or_none(t) for t in shape)):
+        shape = list(delta_shape) if delta_shape is not None else None
+    size = _positive_int_or_none(metadata.get("size"))
+    if size is None and shape is not None and shape[-1] == shape[-2]:
+        size = int(shape[-1])
+    if size is not None:
+        out["size"] = size
+    for key in ("mean", "std"):
+        if key in metadata:
+            val = _floats_or_none(metadata[key])
+            if val is not None or metadata[key] is None:
+                out[key] = val
+    for key, choices in (("saliency", METHODS), ("target_kind", TARGET_KINDS), ("integration", INTEGRATION_RULES)):
+        if metadata.get(key) in choices:
+            out[key] = metadata[key]
+    for key in ("steps", "smoothgrad_samples"):
+        if _positive_int_or_none(metadata.get(key)) is not None:
+            out[key] = metadata[key]
+    sg = metadata.get("smoothgrad_std")
+    if isinstance(sg, (int, float)) and not isinstance(sg, bool) and math.isfinite(sg) and sg > 0:
+        out["smoothgrad_std"] = float(sg)
+    return out
 
 
 def _invalid(path, why: str) -> ValueError:

@@ -27,10 +27,14 @@ from .data import _check_mean_std, digits
 from .io import write_bytes_atomic
 
 __all__ = ["DIGITS_ARCH", "build_digits_cnn", "digits_cnn", "digits_cnn_cache_path", "default_cache_dir",
-           "Normalized", "load_model", "load_state_dict_file", "model_name"]
+           "Normalized", "load_model", "load_state_dict_file", "model_name", "model_num_classes", "model_record",
+           "file_sha256"]
 
 #: Per-channel normalisation constants: one number per input channel (or one for all), or a tensor.
 ChannelValues = Union[Sequence[float], float, torch.Tensor]
+
+#: Output classes of every torchvision classification model built without ``num_classes`` (ImageNet).
+_TORCHVISION_CLASSES = 1000
 
 #: Architecture (and training recipe) version of :func:`digits_cnn`; part of the cache file name.
 DIGITS_ARCH = "digits_cnn-v1"
@@ -253,8 +257,28 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _load_weights_strict(model: nn.Module, path, what: str) -> None:
-    sd = load_state_dict_file(path)
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(os.fspath(path), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _head_key(model: nn.Module, classes: int) -> str | None:
+    """The state-dict key of ``model``'s classification layer: the last weight of two or more
+    dimensions whose first dimension is ``classes`` (``fc.weight`` of a ResNet, ``classifier.6.weight``
+    of a VGG, ``heads.head.weight`` of a ViT, ``classifier.1.weight`` (a 1x1 conv) of a SqueezeNet)."""
+    key = None
+    for k, v in model.state_dict().items():
+        if k.endswith("weight") and v.dim() >= 2 and v.shape[0] == classes:
+            key = k
+    return key
+
+
+def _load_weights_strict(model: nn.Module, path, what: str, sd: dict | None = None) -> None:
+    sd = load_state_dict_file(path) if sd is None else sd
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -312,7 +336,10 @@ def load_model(spec: str, weights: str | os.PathLike | None = None, num_classes:
             (imported and called with no arguments; must return an ``nn.Module``).
         weights: optional local weights file (see :func:`load_state_dict_file`), loaded strictly:
             a mismatch lists the missing / unexpected keys and shape mismatches.
-        num_classes: passed to the torchvision constructor (for ``"digits"``: must be 10 or None).
+        num_classes: passed to the torchvision constructor (for ``"digits"``: must be 10 or None). For a
+            torchvision model with ``weights`` and no ``num_classes`` it is read from the weights' final
+            layer (``fc.weight`` of shape (3, 512): 3 classes); a ``num_classes`` that disagrees with
+            them is a ValueError naming both. :func:`model_num_classes` tells the result.
         mean, std: when given, the model is wrapped in :class:`Normalized` (inputs then in pixel units).
 
     Raises:
@@ -327,6 +354,7 @@ def load_model(spec: str, weights: str | os.PathLike | None = None, num_classes:
     spec = spec.strip()
     if weights is not None and not Path(os.fspath(weights)).expanduser().is_file():
         raise FileNotFoundError(f"weights file not found: {os.fspath(weights)!r}")
+    classes, head = None, None
     if spec == "digits":
         if num_classes not in (None, 10):
             raise ValueError(f"the digits model has 10 classes, got num_classes={num_classes}")
@@ -336,11 +364,26 @@ def load_model(spec: str, weights: str | os.PathLike | None = None, num_classes:
             model = build_digits_cnn(16)
             _load_weights_strict(model, weights, "the digits CNN (size 16)")
             model._upi_fast_name = "digits"
+        classes = 10
     elif spec.startswith("torchvision:"):
         name = spec.split(":", 1)[1].strip().lower()
         model = _torchvision_classifier(name, num_classes)
+        classes = num_classes if num_classes is not None else _TORCHVISION_CLASSES
         if weights is not None:
-            _load_weights_strict(model, weights, f"torchvision {name}")
+            sd = load_state_dict_file(weights)
+            key = _head_key(model, classes)
+            if key is not None and key in sd and sd[key].dim() >= 2 and sd[key].shape[0] != classes:
+                found = int(sd[key].shape[0])
+                shape = tuple(sd[key].shape)
+                if num_classes is not None:
+                    raise ValueError(f"num_classes={num_classes} does not match the weights file "
+                                     f"{os.path.basename(os.fspath(weights))!r}: its {key} has shape {shape}, "
+                                     f"i.e. {found} classes (drop --num-classes to take it from the weights)")
+                classes = found  # inferred from the final layer of the weights
+                model = _torchvision_classifier(name, classes)
+            if key is not None and key in sd:
+                head = (key, tuple(sd[key].shape))
+            _load_weights_strict(model, weights, f"torchvision {name}", sd)
         model._upi_fast_name = f"torchvision:{name}"
     else:
         factory = _import_callable(spec)
@@ -354,10 +397,41 @@ def load_model(spec: str, weights: str | os.PathLike | None = None, num_classes:
         model._upi_fast_name = spec
     if weights is not None:
         model._upi_fast_weights = os.fspath(weights)
+    model._upi_fast_num_classes = classes
+    model._upi_fast_head = head
     model.eval()
     if mean is not None or std is not None:
         model = Normalized(model, mean, std).eval()
     return model
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.model if isinstance(model, Normalized) else model
+
+
+def model_num_classes(model: nn.Module) -> tuple[int | None, str]:
+    """``(classes, where that number comes from)`` for a model from :func:`load_model`: the
+    torchvision / digits head (``num_classes``, or inferred from the weights' final layer, e.g.
+    ``"fc.weight (3, 512) in r18.safetensors"``); ``(None, "")`` for a callable spec (unknown
+    until it runs)."""
+    m = _unwrap(model)
+    classes = getattr(m, "_upi_fast_num_classes", None)
+    if classes is None:
+        return None, ""
+    head, w = getattr(m, "_upi_fast_head", None), getattr(m, "_upi_fast_weights", None)
+    if head is not None and w:
+        return classes, f"{head[0]} {head[1]} in {os.path.basename(w)}"
+    return classes, f"{getattr(m, '_upi_fast_name', 'the model')} head"
+
+
+def model_record(spec: str, model: nn.Module) -> dict:
+    """What a perturbation file records about the model it was computed on: ``model`` (the spec),
+    ``weights`` (the file's name, None without one), ``weights_sha256`` and ``num_classes`` (None
+    for a callable spec)."""
+    m = _unwrap(model)
+    w = getattr(m, "_upi_fast_weights", None)
+    return {"model": model_name(spec), "weights": os.path.basename(w) if w else None,
+            "weights_sha256": file_sha256(w) if w else None, "num_classes": model_num_classes(model)[0]}
 
 
 def model_name(model_or_spec: nn.Module | str) -> str:

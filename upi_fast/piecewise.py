@@ -39,72 +39,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_images, check_labels, check_model, check_positive, eval_mode
+from .hvp_modes import AUTO, DOUBLE_BACKWARD, FINITE_DIFFERENCE, PIECEWISE_LINEAR
+from .hvp_modes.piecewise_linear import LOGIT_TARGET_MESSAGE, _ProbTarget  # noqa: F401
+from .hvp_modes.piecewise_linear import piecewise_linear as _piecewise_linear
 from .linearization import Linearization, NotPiecewiseLinearError
 from .linearization import check_logits as _check_logits
-from .saliency import _path_points
 
 __all__ = ["Linearization", "NotPiecewiseLinearError", "check_piecewise_linear", "resolve_hvp",
-           "piecewise_loss_and_direction", "mark_refused", "LOGIT_TARGET_MESSAGE"]
+           "piecewise_loss_and_direction", "mark_refused", "piecewise_or_fallback", "LOGIT_TARGET_MESSAGE"]
 
 logger = logging.getLogger("upi_fast")
-
-LOGIT_TARGET_MESSAGE = (
-    "hvp='piecewise_linear' needs target_kind='prob': with the logit target the saliency map of a "
-    "piecewise-linear network is piecewise constant in x, so its exact Hessian is zero almost everywhere "
-    "and the attack gradient would be a silent zero. Use target_kind='prob', a smooth stand-in "
-    "(`with upi_fast.softplus_surrogate(model): ...` with hvp='double_backward' or 'forward'), or "
-    "hvp='finite_difference', which sees the activation switches.")
-
-
-class _ProbTarget:
-    """The softmax-probability target ``p_y(z)`` per row of logits ``z`` (P, K): ``s = d p_y / dz``
-    and ``v -> C v`` with ``C = d^2 p_y / dz^2`` in O(K) per row. ``1 - p_y`` is computed as
-    ``-expm1(log p_y)``, free of cancellation on confident rows."""
-
-    def __init__(self, z: torch.Tensor, target: torch.Tensor) -> None:
-        zc = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-        logp = F.log_softmax(zc, dim=1)
-        idx = target.view(-1, 1).to(torch.int64)
-        log_py = logp.gather(1, idx)
-        self.p, self.py = logp.exp(), log_py.exp()
-        self.q = (-self.p).scatter_(1, idx, -torch.expm1(log_py))  # e_y - p
-        self.dtype = z.dtype
-
-    def grad(self) -> torch.Tensor:
-        return (self.py * self.q).to(self.dtype)
-
-    def hvp(self, v: torch.Tensor) -> torch.Tensor:
-        v = v.to(self.p.dtype)
-        qv = (self.q * v).sum(1, keepdim=True)
-        pv = (self.p * v).sum(1, keepdim=True)
-        return (self.py * (self.q * qv - self.p * (v - pv))).to(self.dtype)
-
-
-def _points(xp: torch.Tensor, target: torch.Tensor, spec, sg_noise
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The gradient's evaluation points (m*B, C, H, W), their labels, per-point tangent scales and
-    per-point weights (m,) (None, None for the simple gradient): ``A = sum_k weight_k g(pt_k)``, so
-    point ``k``'s tangent is ``scale_k w`` with ``scale_k = alpha_k weight_k`` (integrated, the
-    spec's integration rule) or ``1/n`` (smoothgrad)."""
-    B = xp.shape[0]
-    if spec.method == "simple":
-        return xp, target, None, None
-    if spec.method == "integrated":
-        pts, a, wts = _path_points(xp, spec.baseline, spec.integration, spec.steps)
-        return pts, target.repeat(spec.steps), a * wts, wts
-    if sg_noise is None:
-        raise ValueError("smoothgrad needs its noise draws")
-    n = sg_noise.shape[0]
-    pts = (xp.unsqueeze(0) + sg_noise).reshape(n * B, *xp.shape[1:])
-    wts = torch.full((n,), 1.0 / n, dtype=xp.dtype, device=xp.device)
-    return pts, target.repeat(n), wts, wts
 
 
 def piecewise_loss_and_direction(model, xp: torch.Tensor, target: torch.Tensor, I_ref: torch.Tensor, spec,
@@ -118,27 +68,34 @@ def piecewise_loss_and_direction(model, xp: torch.Tensor, target: torch.Tensor, 
     ``c_k`` the nodes and weights of ``spec.integration``; its contribution to ``J_A^T w`` is
     ``c_k a_k H(pt_k) w``); for smoothgrad every draw gets ``w / n``.
     Exact only for piecewise-linear models (:func:`check_piecewise_linear`); the model must be in
-    eval mode.
+    eval mode. The implementation: :func:`upi_fast.hvp_modes.piecewise_linear`.
     """
-    if spec.target_kind != "prob":
-        raise ValueError(LOGIT_TARGET_MESSAGE)
-    B = xp.shape[0]
-    pts, tgt, scales, weights = _points(xp, target, spec, sg_noise)
-    m = pts.shape[0] // B
-    lin = Linearization(model, pts)
-    _check_logits(lin.logits, pts.shape[0], tgt)
-    prob = _ProbTarget(lin.logits, tgt)
-    g = lin.vjp(prob.grad(), retain_graph=True)
-    A0 = g if weights is None else (weights.view(-1, 1, 1, 1, 1) * g.view(m, *xp.shape)).sum(0)
-    loss, u, w = spec.loss_u_w(A0, xp, I_ref)
-    if scales is not None:
-        w = (scales.view(-1, 1, 1, 1, 1) * w.unsqueeze(0)).reshape(m * B, *xp.shape[1:])
-    Hw = lin.vjp(prob.hvp(lin.jvp(w)), retain_graph=False)
-    if scales is not None:
-        Hw = Hw.view(m, *xp.shape).sum(0)
-    if spec.multiply_by_input:
-        Hw = Hw + A0 * u
-    return loss, Hw
+    return _piecewise_linear(model, xp, target, I_ref, spec, sg_noise)
+
+
+def _refused_message(reason) -> str:
+    return (f"hvp='piecewise_linear' does not apply to this model on this batch: {reason}. "
+            "Use hvp='double_backward' (exact for any model) or hvp='auto'.")
+
+
+def piecewise_or_fallback(model, xp: torch.Tensor, requested: str, mode: str, run: Callable[[str], Any],
+                          on_refused: Callable[[str], None] | None = None) -> Any:
+    """``run(mode)``; when ``mode`` is ``"piecewise_linear"`` and this batch's linearisation refuses
+    (:class:`NotPiecewiseLinearError`): exact or refuse. With ``requested="auto"`` the model is marked
+    refused (:func:`mark_refused`, at the evaluation points ``xp``), ``on_refused(reason)`` is called
+    and ``run("double_backward")`` returned; otherwise ValueError with the reason. The per-batch
+    fallback of the reference step and of the fast step."""
+    if mode != PIECEWISE_LINEAR:
+        return run(mode)
+    try:
+        return run(mode)
+    except NotPiecewiseLinearError as e:  # this batch left the lists: exact or refuse
+        if requested != AUTO:
+            raise ValueError(_refused_message(e)) from None
+        mark_refused(model, xp, str(e))
+        if on_refused is not None:
+            on_refused(str(e))
+    return run(DOUBLE_BACKWARD)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,10 +278,10 @@ def resolve_hvp(model, x: torch.Tensor, spec, hvp: str = "auto") -> str:
     in eval mode; ``x`` (B, C, H, W) are evaluation points (the first two are checked, once per model,
     dtype, device type and structure). A step that then refuses falls back (:func:`mark_refused`).
     """
-    if hvp not in ("auto", "piecewise_linear"):
+    if hvp not in (AUTO, PIECEWISE_LINEAR):
         return hvp
     logit = spec.target_kind != "prob"
-    if hvp == "piecewise_linear":
+    if hvp == PIECEWISE_LINEAR:
         if logit:
             raise ValueError(LOGIT_TARGET_MESSAGE)
         ok, reason = _status(model, x)
@@ -334,12 +291,12 @@ def resolve_hvp(model, x: torch.Tensor, spec, hvp: str = "auto") -> str:
         return hvp
     ok, reason = _status(model, x)
     if ok and logit:
-        choice = "finite_difference"
+        choice = FINITE_DIFFERENCE
         msg = ("hvp='auto': piecewise-linear model with target_kind='logit', whose exact Hessian is zero almost "
                "everywhere; using hvp='finite_difference' (or attack a softplus_surrogate with an exact mode)")
     elif ok:
-        choice, msg = "piecewise_linear", f"hvp='auto': using hvp='piecewise_linear' ({reason})"
+        choice, msg = PIECEWISE_LINEAR, f"hvp='auto': using hvp='piecewise_linear' ({reason})"
     else:
-        choice, msg = "double_backward", f"hvp='auto': falling back to hvp='double_backward': {reason}"
+        choice, msg = DOUBLE_BACKWARD, f"hvp='auto': falling back to hvp='double_backward': {reason}"
     _log_once(model, x, msg)
     return choice

@@ -13,16 +13,17 @@ import math
 import os
 import re
 import time
+import warnings
 from typing import Iterator
 
 import torch
 
 from . import io, viz
-from .data import make_loader, open_dataset, split_indices
+from .data import DEFAULT_IMAGE_FOLDER_SIZE, dataset_num_classes, make_loader, open_dataset, resize_note, split_indices
 from .distributed import Comm, launched, local_device, main_only, shard_bounds
 from .evaluate import evaluate
-from .models import load_model, model_name
-from .report import COLUMNS, format_table, json_report, markdown_report
+from .models import load_model, model_name, model_num_classes, model_record
+from .report import COLUMNS, format_eps, format_table, json_report, markdown_report
 from .saliency import saliency as saliency_fn
 from ._checks import check_choice, check_positive
 from .solvers import UPIGrad, UPIPCA
@@ -51,6 +52,7 @@ _GENERAL_RULES = (
     (re.compile(r"\bdata\b"), "--data"),
 )
 _MODEL_RULES = (
+    (re.compile(r"^num_classes="), "--num-classes"),
     (re.compile(r"weights"), "--weights"),
     (re.compile(r"^(mean|std)\b|\bmean and std\b|\b(mean|std) must\b|^Normalized"), "--mean/--std"),
     (re.compile(r"num_classes"), "--num-classes"),
@@ -85,17 +87,40 @@ def _blame(default: str | None, rules: tuple = _GENERAL_RULES, data: str | None 
         raise
 
 
-def _open(data: str, size) -> "torch.utils.data.Dataset":
+def _open(data: str, size, log=None, why: str | None = None) -> "torch.utils.data.Dataset":
+    """The dataset at ``data`` (images ``size`` x ``size``); with ``log``, one line when the images
+    are resized (from what to what, and ``why``: where ``size`` came from)."""
     with _blame("--data", ()):
         dataset = open_dataset(data, size=size)
         if len(dataset) == 0:
             raise ValueError(f"data: {data!r} holds no images")
+        if log is not None:
+            note = resize_note(dataset, size, why or (f"--size {size}" if size is not None else
+                                                      f"--size not given: {DEFAULT_IMAGE_FOLDER_SIZE} for an "
+                                                      f"ImageFolder, torchvision's ImageNet input size; --size N "
+                                                      f"changes it"))
+            if note:
+                log(note)
         return dataset
 
 
-def _model(spec: str, weights, num_classes, mean, std) -> torch.nn.Module:
+def _model(spec: str, weights, num_classes, mean, std, dataset=None, data: str | None = None) -> torch.nn.Module:
+    """The model of ``spec``; with ``dataset``, its class count checked against the data's (a
+    torchvision model with neither weights nor ``num_classes`` gets a random head of the data's
+    class count; a head read from the weights or given that differs is a ValueError on --data)."""
+    data_classes = dataset_num_classes(dataset) if dataset is not None else None
+    if (num_classes is None and weights is None and data_classes is not None and isinstance(spec, str)
+            and spec.strip().startswith("torchvision:")):
+        num_classes = data_classes
     with _blame("--model", _MODEL_RULES):
-        return load_model(spec, weights, num_classes=num_classes, mean=mean, std=std)
+        model = load_model(spec, weights, num_classes=num_classes, mean=mean, std=std)
+    classes, source = model_num_classes(model)
+    if data_classes is not None and classes is not None and classes != data_classes:
+        err = ValueError(f"{data} has {data_classes} classes but the model has {classes} ({source}); give data "
+                         f"with the model's classes, or weights with a {data_classes}-class head")
+        err.option = "--data"
+        raise err
+    return model
 
 
 def _device(device) -> torch.device:
@@ -128,6 +153,11 @@ def _check_config(cfg: "ComputeConfig") -> "ComputeConfig":
     with _blame("--integration", ()):
         from .saliency import INTEGRATION_RULES
         check_choice("integration", cfg.integration, INTEGRATION_RULES)
+    for name in ("steps", "smoothgrad_samples"):
+        with _blame("--" + name.replace("_", "-"), ()):
+            check_positive(name, getattr(cfg, name), integer=True)
+    with _blame("--smoothgrad-std", ()):
+        check_positive("smoothgrad_std", cfg.smoothgrad_std)
     with _blame("--oom-retry", ()):
         if not isinstance(cfg.oom_retry, bool):
             raise TypeError(f"oom_retry must be True or False, got {cfg.oom_retry!r}")
@@ -183,11 +213,26 @@ class ComputeConfig:
     oom_retry: bool = False
     fast: str = "off"
     integration: str = "uniform_endpoints"
+    steps: int = 10
+    smoothgrad_std: float = 0.15
+    smoothgrad_samples: int = 10
 
 
-def _load(cfg) -> tuple:
-    dataset = _open(cfg.data, cfg.size)
-    model = _model(cfg.model, cfg.weights, cfg.num_classes, cfg.mean, cfg.std)
+def _saliency_kwargs(s) -> dict:
+    """The solvers' / :func:`evaluate`'s ``saliency_kwargs`` for settings ``s`` (a ComputeConfig, or
+    a dict with its saliency fields): the integration rule, and the steps / noise of the method."""
+    s = s if isinstance(s, dict) else vars(s)
+    kw = {"integration": s["integration"]}
+    if s["saliency"] == "integrated":
+        kw["steps"] = s["steps"]
+    elif s["saliency"] == "smoothgrad":
+        kw.update(smoothgrad_std=s["smoothgrad_std"], n_samples=s["smoothgrad_samples"])
+    return kw
+
+
+def _load(cfg, log=None) -> tuple:
+    dataset = _open(cfg.data, cfg.size, log)
+    model = _model(cfg.model, cfg.weights, cfg.num_classes, cfg.mean, cfg.std, dataset, cfg.data)
     dev = _device(cfg.device)
     return dataset, model.to(dev).eval(), dev
 
@@ -229,7 +274,7 @@ def _evaluate_fitting(model, delta, dataset, idx, cfg, dev, batch_size: int) -> 
         try:
             with _blame("--model", data=cfg.data):
                 return evaluate(model, delta, loader, saliency=cfg.saliency, target_kind=cfg.target_kind, device=dev,
-                                saliency_kwargs={"integration": cfg.integration})
+                                saliency_kwargs=_saliency_kwargs(cfg))
         except RuntimeError as exc:
             if not (cfg.oom_retry and batch_size > 1 and is_out_of_memory(exc)):
                 raise
@@ -262,7 +307,7 @@ def _evaluate_split(model, delta, dataset, idx, cfg, dev, comm: Comm, batch_size
 
 def _compute(cfg: ComputeConfig, comm: Comm, log) -> dict:
     t0 = time.perf_counter()
-    dataset, model, dev = _load(cfg)
+    dataset, model, dev = _load(cfg, log)
     with _blame("--attack-samples/--eval-samples", ()):
         att_idx, ev_idx = split_indices(len(dataset), cfg.attack_samples, cfg.eval_samples, cfg.seed)
     attack = make_loader(dataset, att_idx, cfg.batch_size, workers=cfg.workers, seed=cfg.seed)
@@ -277,7 +322,7 @@ def _compute(cfg: ComputeConfig, comm: Comm, log) -> dict:
                   seed=cfg.seed, device=dev, progress=cfg.progress and comm.is_main, hvp=cfg.hvp,
                   precision=cfg.precision, checkpoint_dir=_checkpoint_dir(cfg), checkpoint_every=cfg.checkpoint_every,
                   oom_retry=cfg.oom_retry, fast={"off": False, "on": True, "autotune": "autotune"}[cfg.fast],
-                  saliency_kwargs={"integration": cfg.integration})
+                  saliency_kwargs=_saliency_kwargs(cfg))
     with _blame("--model", data=cfg.data):
         if cfg.method == "grad":
             solver = UPIGrad(model, eps, epochs=cfg.epochs, **common)
@@ -285,11 +330,16 @@ def _compute(cfg: ComputeConfig, comm: Comm, log) -> dict:
             solver = UPIPCA(model, eps, solver=cfg.solver,
                             plus_lambda=cfg.plus_lambda if cfg.method == "pca+" else None, **common)
         solver.fit(attack, resume=cfg.resume)
+    with _blame("--weights", ()):
+        record = model_record(cfg.model, model)
     meta = {"method": {"grad": "UPI-Grad", "pca": "UPI-PCA", "pca+": "PCA+"}[cfg.method], "eps": eps,
-            "norm": "2" if cfg.norm == 2 else "inf", "model": model_name(cfg.model), "input_shape": list(shape),
+            "eps_units": "pixels [0, 1]", "eps_pixels": cfg.eps_pixels,
+            "norm": "2" if cfg.norm == 2 else "inf", **record, "input_shape": list(shape),
+            "size": shape[-1] if shape[-1] == shape[-2] else None,
             "units": "pixels [0, 1]", "mean": list(cfg.mean) if cfg.mean else None,
             "std": list(cfg.std) if cfg.std else None, "saliency": cfg.saliency, "target_kind": cfg.target_kind,
-            "integration": cfg.integration,
+            "integration": cfg.integration, "steps": cfg.steps, "smoothgrad_std": cfg.smoothgrad_std,
+            "smoothgrad_samples": cfg.smoothgrad_samples,
             "hvp": cfg.hvp, "seed": cfg.seed, "attack_samples": len(att_idx), "data": os.path.abspath(cfg.data),
             "precision": cfg.precision, "processes": comm.world,
             "fast": cfg.fast}
@@ -298,7 +348,9 @@ def _compute(cfg: ComputeConfig, comm: Comm, log) -> dict:
         with _blame("--out", ()):
             os.makedirs(cfg.out, exist_ok=True)
             io.save_perturbation(path, solver.delta_, meta)
-            viz.plot_perturbation(solver.delta_, os.path.join(cfg.out, "upi.png"), title=meta["method"])
+            viz.plot_perturbation(solver.delta_, os.path.join(cfg.out, "upi.png"),
+                                  title=f"{meta['method']}, eps = {format_eps(eps)} ({'L2' if cfg.norm == 2 else 'Linf'}), "
+                                        f"{meta['model']}", units="pixel units [0, 1]")
     eval_bs = min(cfg.batch_size, solver.micro_batch_ or cfg.batch_size)  # what fitted the device while solving
     rows = [{"method": meta["method"],
              **_evaluate_split(model, solver.delta_, dataset, ev_idx, cfg, dev, comm, eval_bs),
@@ -318,21 +370,106 @@ def _compute(cfg: ComputeConfig, comm: Comm, log) -> dict:
     return {"setup": setup, "results": rows, "path": path}
 
 
+#: The evaluation settings a perturbation file states (:data:`upi_fast.io.EVALUATION_DEFAULTS`) and
+#: the command-line option of each.
+_SETTING_FLAGS = {"size": "--size", "mean": "--mean", "std": "--std", "saliency": "--saliency",
+                  "target_kind": "--target-kind", "integration": "--integration", "steps": "--steps",
+                  "smoothgrad_std": "--smoothgrad-std", "smoothgrad_samples": "--smoothgrad-samples"}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(math.isclose(float(x), float(y), rel_tol=1e-6, abs_tol=1e-9)
+                                        for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-6)
+    return a == b
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, (tuple, list)):
+        return ",".join(f"{float(t):g}" for t in v)
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _applies(key: str, saliency: str) -> bool:
+    return (key not in ("integration", "steps") or saliency == "integrated") and \
+        (key not in ("smoothgrad_std", "smoothgrad_samples") or saliency == "smoothgrad")
+
+
+def _settings_from_file(path: str, meta: dict, delta: torch.Tensor, given: dict, log) -> tuple[dict, list]:
+    """Each evaluation setting: the value ``given`` (not None), else the file's, else the default of
+    :data:`upi_fast.io.EVALUATION_DEFAULTS`. A given value that disagrees with the file's is used,
+    with a one-line warning naming both; a ``size`` that cannot fit the file's perturbation is a
+    ValueError on --size. Logs one line listing what was taken from the file; returns the settings
+    and the names of those taken from it."""
+    stated = io.evaluation_settings(meta, tuple(delta.shape))
+    name = os.path.basename(path)
+    out, taken = {}, []
+    for key, flag in _SETTING_FLAGS.items():
+        val, has = given.get(key), key in stated
+        if val is None:
+            out[key] = stated[key] if has else io.EVALUATION_DEFAULTS[key]
+            if has and _applies(key, out.get("saliency", "simple")):
+                taken.append(key)
+            continue
+        out[key] = val
+        if key == "size" and val != delta.shape[-1]:
+            err = ValueError(f"{name} holds a {tuple(delta.shape)} perturbation but --size {val} makes the images "
+                             f"{val}x{val}; drop --size to use the file's {delta.shape[-1]}")
+            err.option = "--size"
+            raise err
+        if has and not _same(val, stated[key]) and _applies(key, out["saliency"]) and \
+                (key not in ("integration", "steps", "smoothgrad_std", "smoothgrad_samples")
+                 or stated.get("saliency") == out["saliency"]):
+            warnings.warn(f"{flag} {_fmt(val)} differs from {name}'s {key} {_fmt(stated[key])} (the value it was "
+                          f"computed with); using {flag} {_fmt(val)}", UserWarning, stacklevel=3)
+    if taken:
+        log(f"from {name}: " + ", ".join(f"{_SETTING_FLAGS[k]} {_fmt(out[k])}" for k in taken))
+    return out, taken
+
+
+def _load_settings(path: str, given: dict, log) -> tuple[torch.Tensor, dict, dict, list]:
+    with _blame("perturbation", ()):
+        delta, meta = io.load_perturbation(path)
+    settings, taken = _settings_from_file(path, meta, delta, given, log)
+    return delta, meta, settings, taken
+
+
+def _check_shape(path: str, delta: torch.Tensor, shape: tuple) -> None:
+    with _blame("perturbation", ()):
+        if tuple(delta.shape) != tuple(shape):
+            raise ValueError(f"perturbation in {path!r} has shape {tuple(delta.shape)}, expected {tuple(shape)} "
+                             f"(the images' shape)")
+
+
 def evaluate_file(path: str, data: str, model: str, weights=None, num_classes=None, mean=None, std=None, size=None,
-                  eval_samples: int = 1000, batch_size: int = 64, saliency: str = "simple", target_kind: str = "prob",
-                  k: int | None = None, device=None, seed: int = 0, out: str | None = None, log=print,
-                  integration: str = "uniform_endpoints") -> dict:
+                  eval_samples: int = 1000, batch_size: int = 64, saliency: str | None = None,
+                  target_kind: str | None = None, k: int | None = None, device=None, seed: int = 0,
+                  out: str | None = None, log=print, integration: str | None = None, steps: int | None = None,
+                  smoothgrad_std: float | None = None, smoothgrad_samples: int | None = None) -> dict:
     """Evaluate a saved perturbation against a model on a local dataset (e.g. transfer). Errors are
-    tagged with the command-line option they concern, as in :func:`compute`. ``integration``: the
-    integrated-gradients path rule (``--integration``)."""
-    dataset = _open(data, size)
-    net = _model(model, weights, num_classes, mean, std)
+    tagged with the command-line option they concern, as in :func:`compute`.
+
+    ``size``, ``mean``, ``std`` and the saliency settings (``saliency``, ``target_kind``,
+    ``integration``: the integrated-gradients path rule, ``steps``, ``smoothgrad_std``,
+    ``smoothgrad_samples``) left None are taken from the file's metadata (as ``compute`` wrote
+    them), else :data:`upi_fast.io.EVALUATION_DEFAULTS`; a value given that disagrees with the file
+    is used, with a warning. The settings used are in the result's ``setup``."""
+    given = dict(size=size, mean=mean, std=std, saliency=saliency, target_kind=target_kind, integration=integration,
+                 steps=steps, smoothgrad_std=smoothgrad_std, smoothgrad_samples=smoothgrad_samples)
+    delta, meta, st, taken = _load_settings(path, given, log)
+    why = f"size {st['size']} from {os.path.basename(path)}" if "size" in taken else None
+    dataset = _open(data, st["size"], log, why)
+    net = _model(model, weights, num_classes, st["mean"], st["std"], dataset, data)
     dev = _device(device)
     net = net.to(dev).eval()
     with _blame("--data", ()):
         shape = tuple(dataset[0][0].shape)
-    with _blame("perturbation", ()):
-        delta, meta = io.load_perturbation(path, expected_shape=shape)
+    _check_shape(path, delta, shape)
+    saliency, target_kind = st["saliency"], st["target_kind"]
     with _blame("--eval-samples", ()):
         check_positive("eval_samples", eval_samples, integer=True)
     n = min(eval_samples, len(dataset))
@@ -344,8 +481,10 @@ def evaluate_file(path: str, data: str, model: str, weights=None, num_classes=No
     norm = meta.get("norm", "2")
     if norm not in ("2", "inf", 2, math.inf):
         norm = "2"
-    rules = ((re.compile(r"^k must"), "--k"), (re.compile(r"^integration"), "--integration")) + _GENERAL_RULES
-    skw = {"integration": integration}
+    rules = ((re.compile(r"^k must"), "--k"), (re.compile(r"^integration"), "--integration"),
+             (re.compile(r"^steps"), "--steps"), (re.compile(r"^noise_std"), "--smoothgrad-std"),
+             (re.compile(r"^n_samples"), "--smoothgrad-samples")) + _GENERAL_RULES
+    skw = _saliency_kwargs(st)
     with _blame("--model", rules, data=data):
         rows = [{"method": f"{meta.get('method', 'perturbation')} ({os.path.basename(path)})",
                  **evaluate(net, delta, loader, saliency=saliency, target_kind=target_kind, k=k, device=dev,
@@ -355,7 +494,8 @@ def evaluate_file(path: str, data: str, model: str, weights=None, num_classes=No
                                                           device=dev, saliency_kwargs=skw)}]
     log(format_table(rows, columns=[c for c in COLUMNS if c[0] != "seconds"]))
     setup = {"perturbation": os.path.abspath(path), "model": model_name(model), "data": os.path.abspath(data),
-             "eval_samples": len(ev_idx), **{f"perturbation {k}": v for k, v in meta.items()}}
+             "eval_samples": len(ev_idx), **{key: list(v) if isinstance(v, tuple) else v for key, v in st.items()},
+             "from perturbation file": taken, **{f"perturbation {k}": v for k, v in meta.items()}}
     if out:
         with _blame("--out", ()):
             os.makedirs(out, exist_ok=True)
@@ -364,31 +504,54 @@ def evaluate_file(path: str, data: str, model: str, weights=None, num_classes=No
 
 
 def show(path: str, out: str, data: str | None = None, model: str | None = None, weights=None, num_classes=None,
-         mean=None, std=None, size=None, n: int = 8, saliency: str = "simple") -> list[str]:
+         mean=None, std=None, size=None, n: int = 8, saliency: str | None = None, target_kind: str | None = None,
+         integration: str | None = None, steps: int | None = None, smoothgrad_std: float | None = None,
+         smoothgrad_samples: int | None = None, log=print) -> list[str]:
     """Render a perturbation file to PNG, and with ``data`` and ``model`` a grid of examples with
     their saliency maps before and after. Returns the written paths. Errors are tagged with the
-    command-line option they concern, as in :func:`compute`."""
-    with _blame("perturbation", ()):
-        delta, meta = io.load_perturbation(path)
+    command-line option they concern, as in :func:`compute`. ``size``, ``mean``, ``std`` and the
+    saliency settings left None come from the file, as in :func:`evaluate_file`."""
+    if data and model:
+        given = dict(size=size, mean=mean, std=std, saliency=saliency, target_kind=target_kind,
+                     integration=integration, steps=steps, smoothgrad_std=smoothgrad_std,
+                     smoothgrad_samples=smoothgrad_samples)
+        delta, meta, st, taken = _load_settings(path, given, log)
+    else:
+        with _blame("perturbation", ()):
+            delta, meta = io.load_perturbation(path)
     stem = os.path.splitext(os.path.basename(path))[0]
     written = [os.path.join(out, f"{stem}.png")]
     with _blame("--out", ()):
         os.makedirs(out, exist_ok=True)
-        viz.plot_perturbation(delta, written[0], title=f"{meta.get('method', stem)}  eps={meta.get('eps', '?')}")
+        viz.plot_perturbation(delta, written[0], title=f"{meta.get('method', stem)}, eps = {format_eps(meta.get('eps', '?'))}")
     if data and model:
-        dataset = _open(data, size)
+        why = f"size {st['size']} from {os.path.basename(path)}" if "size" in taken else None
+        dataset = _open(data, st["size"], log, why)
         with _blame("perturbation", ()):
             if tuple(dataset[0][0].shape) != tuple(delta.shape):
                 raise ValueError(f"the perturbation has shape {tuple(delta.shape)} but the images in {data} have "
                                  f"shape {tuple(dataset[0][0].shape)}")
-        net = _model(model, weights, num_classes, mean, std).eval()
+        net = _model(model, weights, num_classes, st["mean"], st["std"], dataset, data).eval()
+        sal = dict(method=st["saliency"], target_kind=st["target_kind"])
+        if st["saliency"] == "integrated":
+            sal.update(integration=st["integration"], steps=st["steps"])
+        elif st["saliency"] == "smoothgrad":
+            sal.update(noise_std=st["smoothgrad_std"], n_samples=st["smoothgrad_samples"],
+                       generator=torch.Generator().manual_seed(0))
         items = [dataset[i] for i in range(min(n, len(dataset)))]
         x = torch.stack([t for t, _ in items])
         y = torch.tensor([int(lbl) for _, lbl in items])
         grid = os.path.join(out, f"{stem}_examples.png")
         with _blame("--model", data=data):
-            before, after = saliency_fn(net, x, y, method=saliency), saliency_fn(net, x + delta, y, method=saliency)
+            before = saliency_fn(net, x, y, **sal)
+            if "generator" in sal:  # the same noise draws before and after
+                sal["generator"] = torch.Generator().manual_seed(0)
+            after = saliency_fn(net, x + delta, y, **sal)
         with _blame("--out", ()):
-            viz.plot_saliency_grid(x, before, after, grid, labels=y.tolist(), images_after=(x + delta).clamp(0, 1))
+            classes = getattr(dataset, "classes", None)  # ImageFolder: the folder names
+            names = [classes[k] if classes and 0 <= k < len(classes) else k for k in y.tolist()]
+            viz.plot_saliency_grid(x, before, after, grid, labels=names, images_after=(x + delta).clamp(0, 1),
+                                   title=f"saliency before / after {meta.get('method', stem)} "
+                                         f"(eps = {format_eps(meta.get('eps', '?'))}); brighter = more salient")
         written.append(grid)
     return written

@@ -9,7 +9,11 @@ and the authors' choice) or its logit (``"logit"``). Methods:
   M = ``steps``, baseline ``b`` (default: zeros in model units; pass the black image of your
   preprocessing), nodes ``a_k`` and weights ``w_k`` from the ``integration`` rule below; with
   ``multiply_by_input`` the standard integrated gradients ``(x - b) * A(x)``;
-* ``smoothgrad``: mean of ``g(x + n)`` over ``n_samples`` draws ``n ~ N(0, noise_std^2 I)``.
+* ``smoothgrad``: mean of ``g(x + n)`` over ``n_samples`` draws ``n ~ N(0, noise_std^2 I)``;
+* ``grad_x_input``: Grad x Input, ``(x - b) * g(x)`` (baseline ``b`` default zeros).
+
+Each method is one object of the registry in :mod:`upi_fast.methods` (one module per method);
+:data:`METHODS` are its names.
 
 Integration rules (``integration=``, :data:`INTEGRATION_RULES`, :func:`integration_rule`):
 
@@ -38,32 +42,26 @@ running statistics), so one batched backward pass gives all the per-sample gradi
 """
 from __future__ import annotations
 
-import functools
-from typing import Union
-
 import torch
 import torch.nn.functional as F
 
 from ._checks import ModelLike, check_choice, check_images, check_labels, check_model, check_positive, eval_mode
+from .methods import METHODS, Baseline, get as get_method
+from .methods.base import baseline_like as _baseline_like
+from .methods.integrated import (DEFAULT_INTEGRATION, INTEGRATION_RULES, _rule_float64, check_integration,  # noqa: F401
+                                 integration_rule, path_coefficients)
+from .methods.integrated import path_points as _path_points  # noqa: F401
+from .methods.smoothgrad import smoothgrad_noise
 
 __all__ = ["saliency", "raw_gradient", "averaged_gradient", "postprocess_maps", "target_scores", "integration_rule",
            "METHODS", "TARGET_KINDS", "POSTPROCESS", "INTEGRATION_RULES", "DEFAULT_INTEGRATION"]
 
-#: Saliency methods: plain gradient, integrated gradients, SmoothGrad.
-METHODS = ("simple", "integrated", "smoothgrad")
+# METHODS: the registered saliency methods (:mod:`upi_fast.methods`): plain gradient, integrated
+# gradients, SmoothGrad, Grad x Input, ...
 #: What is differentiated: the softmax probability of the target class, or its logit.
 TARGET_KINDS = ("prob", "logit")
 #: Post-processing of the raw gradient: ``abs_sum_l1`` -> (B, H*W) maps summing to 1; ``raw`` -> (B, C*H*W).
 POSTPROCESS = ("abs_sum_l1", "raw")
-#: Integrated-gradients quadrature rules (``integration=``): the authors' ``uniform_endpoints``
-#: (weight 1/M at k/(M-1), the default) and captum's five rules (module docstring).
-INTEGRATION_RULES = ("uniform_endpoints", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
-                     "gausslegendre")
-#: The default integration rule: ``uniform_endpoints``, the authors' (tf-explain's) path mean.
-DEFAULT_INTEGRATION = "uniform_endpoints"
-
-#: An integrated-gradients baseline: a tensor or number broadcastable to the images, or None (zeros).
-Baseline = Union[torch.Tensor, float, None]
 
 
 def target_scores(model: ModelLike, x: torch.Tensor, target: torch.Tensor, target_kind: str = "prob",
@@ -102,100 +100,6 @@ def _grad_at(model: ModelLike, points: torch.Tensor, target: torch.Tensor, targe
     return g
 
 
-def _baseline_like(baseline: Baseline, x: torch.Tensor) -> torch.Tensor:
-    if baseline is None:
-        return torch.zeros_like(x)
-    b = torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
-    try:
-        return torch.broadcast_to(b, x.shape)
-    except RuntimeError:
-        raise ValueError(f"baseline of shape {tuple(b.shape)} does not broadcast to x's shape {tuple(x.shape)}") from None
-
-
-def check_integration(integration: str, steps: int) -> None:
-    """ValueError naming ``integration`` unless it is one of :data:`INTEGRATION_RULES` usable with
-    ``steps`` path points (captum's Riemann rules need ``steps >= 2``, as in captum)."""
-    check_choice("integration", integration, INTEGRATION_RULES)
-    if integration.startswith("riemann_") and steps < 2:
-        raise ValueError(f"integration={integration!r} needs steps >= 2 (captum's Riemann rules refuse "
-                         f"n_steps=1 too), got steps={steps}")
-
-
-@functools.lru_cache(maxsize=64)
-def _rule_float64(integration: str, steps: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(alphas, weights) of the rule in float64, as Python floats (cached: a solver asks every step)."""
-    M = steps
-    if integration == "gausslegendre":
-        import numpy as np  # captum's own construction: numpy's Gauss-Legendre nodes on [-1, 1]
-        nodes, wts = np.polynomial.legendre.leggauss(M)
-        return tuple((0.5 * (1 + nodes)).tolist()), tuple((0.5 * wts).tolist())
-    weights = [1.0 / M] * M
-    if integration == "uniform_endpoints":
-        alphas = torch.linspace(0.0, 1.0, M, dtype=torch.float64) if M > 1 else torch.ones(1, dtype=torch.float64)
-    elif integration == "riemann_trapezoid":
-        alphas = torch.linspace(0.0, 1.0, M, dtype=torch.float64)
-        weights[0] /= 2
-        weights[-1] /= 2
-    elif integration == "riemann_left":
-        alphas = torch.linspace(0.0, 1.0 - 1.0 / M, M, dtype=torch.float64)
-    elif integration == "riemann_right":
-        alphas = torch.linspace(1.0 / M, 1.0, M, dtype=torch.float64)
-    else:  # riemann_middle
-        alphas = torch.linspace(1.0 / (2 * M), 1.0 - 1.0 / (2 * M), M, dtype=torch.float64)
-    return tuple(alphas.tolist()), tuple(weights)
-
-
-_RULE_TENSORS: dict = {}  # (rule, steps, dtype, device) -> (alphas, weights), never handed out (clones are)
-
-
-def integration_rule(integration: str = DEFAULT_INTEGRATION, steps: int = 10, dtype: torch.dtype = torch.float32,
-                     device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nodes and weights of an integrated-gradients path rule: ``(alphas (M,), weights (M,))``.
-
-    The path points are ``b + alphas[k] (x - b)`` (``alphas`` dimensionless, in [0, 1]) and the
-    averaged gradient is ``sum_k weights[k] grad target(point_k)``; M = ``steps``. Computed in
-    float64 and rounded once to ``dtype`` on ``device``. ``integration``, one of
-    :data:`INTEGRATION_RULES`:
-
-    * ``uniform_endpoints`` (default, the authors' / tf-explain's rule): ``a_k = k / (M - 1)``,
-      ``w_k = 1 / M`` (both end points at full weight; ``a = [1]`` for M = 1). Not a captum rule;
-    * captum 0.9's rules, same nodes and weights: ``riemann_left`` ``a_k = k / M``,
-      ``riemann_right`` ``(k + 1) / M``, ``riemann_middle`` ``(k + 1/2) / M`` (all ``w_k = 1 / M``);
-      ``riemann_trapezoid`` ``a_k = k / (M - 1)``, ``w_k = 1 / M`` halved at both ends (sum
-      ``(M - 1) / M``, as captum); ``gausslegendre`` the M-point Gauss-Legendre rule on [0, 1]. The
-      Riemann rules need M >= 2, as in captum.
-
-    Raises ValueError for an unknown rule, a non-positive ``steps`` or a Riemann rule with
-    ``steps`` = 1.
-    """
-    check_positive("steps", steps, integer=True)
-    check_integration(integration, steps)
-    key = (integration, steps, dtype, None if device is None else torch.device(device))
-    hit = _RULE_TENSORS.get(key)
-    if hit is None:  # built once per device: no host-to-device copy (a synchronisation) per call
-        alphas, weights = _rule_float64(integration, steps)
-        hit = (torch.tensor(alphas, dtype=dtype, device=device), torch.tensor(weights, dtype=dtype, device=device))
-        if len(_RULE_TENSORS) < 256:
-            _RULE_TENSORS[key] = hit
-    return hit[0].clone(), hit[1].clone()
-
-
-def path_coefficients(steps: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """The default rule's nodes ``a_k = k / (M - 1)`` (``[1.0]`` when M = 1); kept for older callers,
-    see :func:`integration_rule` for the nodes and weights of every rule."""
-    return integration_rule(DEFAULT_INTEGRATION, steps, dtype, device)[0]
-
-
-def _path_points(x: torch.Tensor, baseline: Baseline, integration: str,
-                 steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The M*B path points (M*B, C, H, W), point ``k`` of sample ``i`` at row ``k*B + i``, and the
-    rule's nodes and weights (M,) in ``x``'s dtype."""
-    b = _baseline_like(baseline, x)
-    a, w = integration_rule(integration, steps, x.dtype, x.device)
-    pts = (b.unsqueeze(0) + a.view(-1, 1, 1, 1, 1) * (x - b).unsqueeze(0)).reshape(steps * x.shape[0], *x.shape[1:])
-    return pts, a, w
-
-
 def _weighted_sum(w: torch.Tensor, g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """``sum_k w[k] g_k`` for ``g`` (M*B, ...) stacked point-major, reshaped to ``shape`` (B, ...)."""
     return (w.view(-1, *([1] * len(shape))) * g.view(w.shape[0], *shape)).sum(0)
@@ -211,21 +115,13 @@ def averaged_gradient(model: ModelLike, x: torch.Tensor, target: torch.Tensor, *
     evaluations at nearby points use the same noise. ``integration`` (integrated only): the path
     rule, one of :data:`INTEGRATION_RULES` (the weighted sum of :func:`integration_rule`).
     """
-    B = x.shape[0]
-    if method == "simple":
-        return _grad_at(model, x, target, target_kind, create_graph)
-    if method == "integrated":
-        pts, _, w = _path_points(x, baseline, integration, steps)
-        g = _grad_at(model, pts, target.repeat(steps), target_kind, create_graph)
-        return _weighted_sum(w, g, x.shape)
-    if method == "smoothgrad":
-        if noise is None:
-            raise ValueError("smoothgrad needs its noise draws")
-        n = noise.shape[0]
-        pts = (x.unsqueeze(0) + noise).reshape(n * B, *x.shape[1:])
-        g = _grad_at(model, pts, target.repeat(n), target_kind, create_graph)
-        return g.view(n, *x.shape).mean(0)
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    meth = get_method(method)
+
+    def grad_fn(points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return _grad_at(model, points, labels, target_kind, create_graph)
+
+    return meth.gradient(grad_fn, x, target, steps=steps, baseline=baseline, integration=integration, noise=noise,
+                         rule=integration_rule)
 
 
 def raw_gradient(model: ModelLike, x: torch.Tensor, target: torch.Tensor, method: str = "simple",
@@ -246,19 +142,14 @@ def raw_gradient(model: ModelLike, x: torch.Tensor, target: torch.Tensor, method
     This is the unchecked fast path (no argument validation, the model's train / eval mode is
     left as it is); :func:`saliency` checks its arguments and computes in eval mode.
     """
-    if method == "smoothgrad" and noise is None:
-        noise = smoothgrad_noise(x, noise_std, n_samples, generator)
+    meth = get_method(method)
+    if noise is None:
+        noise = meth.draw_noise(x, noise_std, n_samples, generator)
     avg = averaged_gradient(model, x, target, method=method, target_kind=target_kind, create_graph=create_graph,
                             steps=steps, baseline=baseline, noise=noise, integration=integration)
-    if multiply_by_input:
-        return (x - _baseline_like(baseline, x)) * avg
+    if meth.multiplies(multiply_by_input):
+        return meth.input_factor(x, baseline) * avg
     return avg
-
-
-def smoothgrad_noise(x: torch.Tensor, noise_std: float, n_samples: int,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """(n_samples, B, C, H, W) Gaussian draws of standard deviation ``noise_std``."""
-    return noise_std * torch.randn((n_samples, *x.shape), generator=generator, dtype=x.dtype, device=x.device)
 
 
 def postprocess_maps(g: torch.Tensor, kind: str = "abs_sum_l1") -> torch.Tensor:
@@ -279,17 +170,14 @@ def postprocess_maps(g: torch.Tensor, kind: str = "abs_sum_l1") -> torch.Tensor:
 def check_saliency_args(method: str, target_kind: str, postprocess_kind: str, steps: int, noise_std: float,
                         n_samples: int, integration: str = DEFAULT_INTEGRATION) -> None:
     """ValueError / TypeError naming the first bad saliency option."""
-    check_choice("method", method, METHODS)
+    get_method(method)
     check_choice("target_kind", target_kind, TARGET_KINDS)
     check_choice("postprocess", postprocess_kind, POSTPROCESS)
     check_positive("steps", steps, integer=True)
     check_positive("noise_std", noise_std, allow_zero=True)
     check_positive("n_samples", n_samples, integer=True)
     check_choice("integration", integration, INTEGRATION_RULES)
-    if method == "integrated":
-        check_integration(integration, steps)
-    if method == "smoothgrad" and noise_std == 0:
-        raise ValueError("noise_std must be > 0 for method='smoothgrad'")
+    get_method(method).check(steps=steps, noise_std=noise_std, n_samples=n_samples, integration=integration)
 
 
 def saliency(model: ModelLike, x: torch.Tensor, target: torch.Tensor, method: str = "simple", target_kind: str = "prob",

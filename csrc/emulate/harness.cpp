@@ -40,10 +40,10 @@ int guarded(T&& fn) {
   }
 }
 
-/// The CPU allocator, filling new blocks with 0xFF bytes (NaN in every float dtype) while switched
-/// on: what the GPU tests do to the CUDA caching allocator, so that an output element the host code
-/// allocates and a kernel forgets to write shows up as NaN. Installed once, on first use, over the
-/// allocator in place then (which still allocates and frees every block).
+/// A CPU allocator that fills new blocks with 0xFF bytes (NaN in every float dtype): what the GPU
+/// tests do to the CUDA caching allocator, so that an output element the host code allocates and a
+/// kernel forgets to write shows up as NaN. It is the CPU allocator only while switched on
+/// (upi_emu_set_poison); the allocator it replaces still allocates and frees every block.
 struct PoisoningAllocator final : c10::Allocator {
   c10::Allocator* base = nullptr;
   std::atomic<bool> on{false};
@@ -61,12 +61,7 @@ struct PoisoningAllocator final : c10::Allocator {
 };
 
 PoisoningAllocator& poisoning_allocator() {
-  static PoisoningAllocator* alloc = [] {
-    auto* a = new PoisoningAllocator();  // static lifetime, as SetCPUAllocator requires
-    a->base = c10::GetCPUAllocator();
-    c10::SetCPUAllocator(a, /*priority=*/255);
-    return a;
-  }();
+  static PoisoningAllocator* alloc = new PoisoningAllocator();  // static lifetime, as SetCPUAllocator requires
   return *alloc;
 }
 
@@ -186,9 +181,16 @@ UPI_EMU_API int upi_emu_live_guards() { return upi_emu::runtime().guards; }
 /// 1: new CPU allocations are filled with NaN bytes; 0: left as they come. Returns the previous setting.
 UPI_EMU_API int upi_emu_set_poison(int on) {
   PoisoningAllocator& a = poisoning_allocator();
-  const int before = a.on.load() ? 1 : 0;
-  a.on.store(on != 0);
-  return before;
+  const bool before = a.on.load();
+  if (on != 0 && !before) {
+    a.base = c10::GetCPUAllocator();
+    a.on.store(true);
+    c10::SetCPUAllocator(&a, /*priority=*/255);
+  } else if (on == 0 && before) {
+    c10::SetCPUAllocator(a.base, /*priority=*/255);
+    a.on.store(false);
+  }
+  return before ? 1 : 0;
 }
 
 UPI_EMU_API int64_t upi_emu_launch_count() { return static_cast<int64_t>(upi_emu::runtime().launches.size()); }

@@ -102,7 +102,9 @@ def _nothing_to_attack(zero_maps: float) -> ValueError:
         return ValueError("the model's input gradient is zero for every correctly classified sample in data, so every "
                           "saliency map is zero: the model's output does not depend on its input in a differentiable "
                           "way (rounding, argmax or quantisation inside?)")
-    return ValueError("the model classifies none of the samples in data correctly")
+    return ValueError("the model classifies none of the samples in data correctly, so there is no saliency map of "
+                      "the true class to attack (only correctly classified samples are used): untrained weights, "
+                      "wrong normalisation, or classes in another order than the model's?")
 
 
 def _nonzero_rows(maps: torch.Tensor) -> torch.Tensor:
