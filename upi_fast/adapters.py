@@ -29,7 +29,8 @@ from torch import nn
 
 from ._checks import DeviceLike, ModelLike, check_choice, check_positive
 from .evaluate import AttributionMethod
-from .saliency import DEFAULT_INTEGRATION, INTEGRATION_RULES, METHODS, POSTPROCESS, TARGET_KINDS, check_integration, saliency
+from .methods import get as get_method
+from .saliency import DEFAULT_INTEGRATION, INTEGRATION_RULES, POSTPROCESS, TARGET_KINDS, saliency
 from .solvers._common import resolve_device
 
 __all__ = ["quantus_explain_func", "QuantusExplainFunc", "quantus_perturb_func", "UPIPerturbFunc",
@@ -126,18 +127,15 @@ class QuantusExplainFunc:
 
     @staticmethod
     def _check(opts: dict) -> dict:
-        check_choice("method", opts["method"], METHODS)
+        method = get_method(opts["method"])
         check_choice("target_kind", opts["target_kind"], TARGET_KINDS)
         check_choice("postprocess", opts["postprocess"], POSTPROCESS)
         check_positive("steps", opts["steps"], integer=True)
         check_positive("noise_std", opts["noise_std"], allow_zero=True)
         check_positive("n_samples", opts["n_samples"], integer=True)
-        if opts["method"] == "smoothgrad" and opts["noise_std"] == 0:
-            raise ValueError("noise_std must be > 0 for method='smoothgrad'")
-        if opts["method"] == "integrated":
-            check_integration(opts["integration"], opts["steps"])
-        else:
-            check_choice("integration", opts["integration"], INTEGRATION_RULES)
+        method.check(steps=opts["steps"], noise_std=opts["noise_std"], n_samples=opts["n_samples"],
+                     integration=opts["integration"])
+        check_choice("integration", opts["integration"], INTEGRATION_RULES)
         return opts
 
     def __call__(self, model: Any, inputs: np.ndarray | torch.Tensor, targets: Any, **kwargs: Any) -> np.ndarray:
@@ -163,7 +161,7 @@ class QuantusExplainFunc:
             raise ValueError(f"inputs must have shape (B, C, H, W) (channels first), got {tuple(x.shape)}")
         y = _targets(targets, x.shape[0], dev)
         step = self.batch_size or max(1, x.shape[0])
-        gen = torch.Generator(device=dev) if opts["method"] == "smoothgrad" else None
+        gen = torch.Generator(device=dev) if get_method(opts["method"]).stochastic else None
         out = []
         for i in range(0, x.shape[0], step):
             if gen is not None:

@@ -20,8 +20,11 @@ Units. Everything is in ART's input units, the units of ``x``, ``clip_values`` a
 ``baseline`` are in them too. The attack differentiates the classifier *through* its
 preprocessing: with ``preprocessing=(mean, std)`` the network is ``model((x - mean) / std)``, so the
 saliency maps are ``d p_y / d x`` of ART inputs, as ART's own ``class_gradient`` returns them. With
-a scalar ``std`` this is the UPI of the bare model with ``eps / std`` in model units, scaled by
-``std`` (same direction: the saliency maps are L1-normalised). Preprocessing defences must be
+a scalar ``std`` this is ``std`` times the UPI of the bare model on the preprocessed images with
+``eps / std`` in model units (the saliency maps are L1-normalised, so their scale drops out): exactly
+so in float32 when ``std`` is a power of two and ``noise_std=0`` (tests/test_art.py), otherwise up
+to the rounding of the preprocessing and of the smoothing noise (which, the maps of ReLU networks
+being piecewise, can move single samples' directions across a kink). Preprocessing defences must be
 PyTorch ones (``PreprocessorPyTorch``, differentiable by autograd); postprocessing defences act on
 predictions only and are ignored by the fit (``predict`` still applies them). The model must return
 logits (upi_fast applies the softmax itself for ``target_kind="prob"``). ``channels_first=False``
@@ -41,7 +44,8 @@ Example::
                             nb_classes=10, clip_values=(0.0, 1.0), preprocessing=(mean, std))
     attack = UPIPCAAttack(clf, eps=2.0)
     x_adv = attack.generate(x)            # (N, 3, 32, 32) float32, clip(x + attack.noise)
-    attack.dissimilarity, attack.fooling_rate
+    attack.dissimilarity_, attack.fooling_rate   # saliency change, label flips on x
+    x_new_adv = attack.perturb(x_new)     # the same perturbation on other images
 """
 from __future__ import annotations
 
@@ -158,8 +162,9 @@ def _labels(y: Any, n: int, nb_classes: int) -> np.ndarray:
         idx = np.argmax(y, axis=1)
     elif y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1):
         idx = y.reshape(-1)
-        if not (np.issubdtype(idx.dtype, np.integer) or (np.issubdtype(idx.dtype, np.floating)
-                                                         and np.all(np.isfinite(idx)) and np.all(idx == np.round(idx)))):
+        whole_floats = (np.issubdtype(idx.dtype, np.floating) and bool(np.all(np.isfinite(idx)))
+                        and bool(np.all(idx == np.round(idx))))
+        if not (np.issubdtype(idx.dtype, np.integer) or whole_floats):
             raise ValueError(f"y (index labels) must hold integers, got dtype {y.dtype}")
     else:
         raise ValueError(f"y must be class indices (N,) or (N, 1), or one-hot labels (N, {nb_classes}); "
@@ -191,7 +196,8 @@ class _UPIAttack(EvasionAttack):
                  solver_kwargs: dict | None = None) -> None:
         super().__init__(estimator=classifier)
         self.eps, self.norm, self.saliency, self.target_kind = eps, norm, saliency, target_kind
-        self.dissimilarity, self.saliency_kwargs, self.noise_std, self.hvp = dissimilarity, saliency_kwargs, noise_std, hvp
+        self.dissimilarity, self.saliency_kwargs = dissimilarity, saliency_kwargs
+        self.noise_std, self.hvp = noise_std, hvp
         self.batch_size, self.seed, self.verbose, self.solver_kwargs = batch_size, seed, verbose, solver_kwargs
         self._noise: np.ndarray | None = None
         self._fooling_rate: float | None = None

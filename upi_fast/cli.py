@@ -150,7 +150,7 @@ def _add_model_args(p, required=True, from_file=False):
 
 def _add_saliency_args(p, from_file=False):
     """The attacked saliency map's settings; ``from_file``: defaults from the perturbation file."""
-    from .saliency import DEFAULT_INTEGRATION, INTEGRATION_RULES
+    from .saliency import DEFAULT_INTEGRATION, INTEGRATION_RULES, METHODS
 
     def default(value):
         return None if from_file else value
@@ -158,7 +158,7 @@ def _add_saliency_args(p, from_file=False):
     def say(value):
         return f"default: the perturbation file's, else {value}" if from_file else "default: %(default)s"
 
-    p.add_argument("--saliency", choices=("simple", "integrated", "smoothgrad"), default=default("simple"),
+    p.add_argument("--saliency", choices=METHODS, default=default("simple"),
                    help=f"gradient saliency map: plain gradient, integrated gradients or SmoothGrad ({say('simple')})")
     p.add_argument("--target-kind", choices=("prob", "logit"), default=default("prob"),
                    help=f"differentiate the softmax probability or the logit of the label ({say('prob')})")

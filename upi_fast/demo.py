@@ -25,14 +25,17 @@ __all__ = ["run_demo"]
 
 
 def run_demo(out_dir: str, eps_scale: float = 0.1, seed: int = 0, epochs: int = 20, hvp: str = "double_backward",
-             random_draws: int = 5, per_image_steps: int = 40, progress: bool = True, log=print) -> dict:
+             random_draws: int = 5, per_image_steps: int = 40, progress: bool = True, log=print,
+             data_seed: int | None = None) -> dict:
     """Run the comparison and write ``report.md``, ``report.json``, one ``.safetensors`` per
-    universal perturbation and PNG figures into ``out_dir``. Returns the report as a dict."""
+    universal perturbation and PNG figures into ``out_dir``. Returns the report as a dict.
+    ``seed`` seeds every method; ``data_seed`` (default: ``seed``) the splits and the CNN."""
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    splits = digits(seed=seed)
-    model = digits_cnn(seed=seed, progress=progress)
+    data_seed = seed if data_seed is None else data_seed
+    splits = digits(seed=data_seed)
+    model = digits_cnn(seed=data_seed, progress=progress)
     Xa, ya = splits.attack
     Xe, ye = splits.eval
     eps = float(eps_scale * Xe.reshape(Xe.shape[0], -1).norm(dim=1).mean())

@@ -96,7 +96,7 @@ def _saliency_fn(model: ModelLike, saliency: str | AttributionMethod, target_kin
 
     def fn(x, y, seed):
         gen = None
-        if spec.method == "smoothgrad":
+        if spec.stochastic:
             gen = gens.get(x.device)
             if gen is None:
                 gen = gens[x.device] = torch.Generator(device=x.device)

@@ -78,13 +78,13 @@ def _refused_message(reason) -> str:
             "Use hvp='double_backward' (exact for any model) or hvp='auto'.")
 
 
-def piecewise_or_fallback(model, xp: torch.Tensor, requested: str, mode: str, run: Callable[[str], Any],
-                          on_refused: Callable[[str], None] | None = None) -> Any:
+def piecewise_or_fallback(model, xp: torch.Tensor | Callable[[], torch.Tensor], requested: str, mode: str,
+                          run: Callable[[str], Any], on_refused: Callable[[str], None] | None = None) -> Any:
     """``run(mode)``; when ``mode`` is ``"piecewise_linear"`` and this batch's linearisation refuses
     (:class:`NotPiecewiseLinearError`): exact or refuse. With ``requested="auto"`` the model is marked
-    refused (:func:`mark_refused`, at the evaluation points ``xp``), ``on_refused(reason)`` is called
-    and ``run("double_backward")`` returned; otherwise ValueError with the reason. The per-batch
-    fallback of the reference step and of the fast step."""
+    refused (:func:`mark_refused`, at the evaluation points ``xp``: a tensor, or a function making it
+    only then), ``on_refused(reason)`` is called and ``run("double_backward")`` returned; otherwise
+    ValueError with the reason. The per-batch fallback of the reference step and of the fast step."""
     if mode != PIECEWISE_LINEAR:
         return run(mode)
     try:
@@ -92,7 +92,7 @@ def piecewise_or_fallback(model, xp: torch.Tensor, requested: str, mode: str, ru
     except NotPiecewiseLinearError as e:  # this batch left the lists: exact or refuse
         if requested != AUTO:
             raise ValueError(_refused_message(e)) from None
-        mark_refused(model, xp, str(e))
+        mark_refused(model, xp() if callable(xp) else xp, str(e))
         if on_refused is not None:
             on_refused(str(e))
     return run(DOUBLE_BACKWARD)

@@ -408,11 +408,12 @@ def _settings_from_file(path: str, meta: dict, delta: torch.Tensor, given: dict,
     stated = io.evaluation_settings(meta, tuple(delta.shape))
     name = os.path.basename(path)
     out, taken = {}, []
+    method = given.get("saliency") or stated.get("saliency") or io.EVALUATION_DEFAULTS["saliency"]
     for key, flag in _SETTING_FLAGS.items():
         val, has = given.get(key), key in stated
         if val is None:
             out[key] = stated[key] if has else io.EVALUATION_DEFAULTS[key]
-            if has and _applies(key, out.get("saliency", "simple")):
+            if has and _applies(key, method):
                 taken.append(key)
             continue
         out[key] = val
@@ -421,9 +422,9 @@ def _settings_from_file(path: str, meta: dict, delta: torch.Tensor, given: dict,
                              f"{val}x{val}; drop --size to use the file's {delta.shape[-1]}")
             err.option = "--size"
             raise err
-        if has and not _same(val, stated[key]) and _applies(key, out["saliency"]) and \
+        if has and not _same(val, stated[key]) and _applies(key, method) and \
                 (key not in ("integration", "steps", "smoothgrad_std", "smoothgrad_samples")
-                 or stated.get("saliency") == out["saliency"]):
+                 or stated.get("saliency") == method):
             warnings.warn(f"{flag} {_fmt(val)} differs from {name}'s {key} {_fmt(stated[key])} (the value it was "
                           f"computed with); using {flag} {_fmt(val)}", UserWarning, stacklevel=3)
     if taken:

@@ -21,13 +21,18 @@ import dataclasses
 import math
 import os
 import time
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from . import io, viz
 from .data import make_loader, split_indices
 from .report import format_eps, format_table, samples_line, samples_summary
+
+if TYPE_CHECKING:  # imported lazily: the CLI's parser imports this module
+    from torch.utils.data import DataLoader
+
+    from .pipeline import ComputeConfig
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "METHOD_LABELS", "parse_methods", "check_budgets", "universal_delta",
            "sweep", "sweep_table", "write_sweep"]
@@ -95,12 +100,12 @@ def _common(cfg, dev) -> dict:
                 saliency_kwargs={"integration": cfg.integration})
 
 
-def universal_delta(method: str, model: torch.nn.Module, attack, eps: float, cfg, dev: torch.device,
-                    shape: tuple) -> torch.Tensor | list[torch.Tensor]:
-    """The universal perturbation of ``method`` (``grad``, ``pca``, ``pca+``, ``uap`` or ``random``)
-    at radius ``eps`` (model units) computed on ``attack`` (a DataLoader of the attack split) with
-    the settings of ``cfg`` (a :class:`~upi_fast.pipeline.ComputeConfig`): a (C, H, W) tensor on the
-    CPU, or for ``random`` a list of ``cfg``-seeded draws (``random_draws`` of them: see :func:`sweep`)."""
+def universal_delta(method: str, model: torch.nn.Module, attack: "DataLoader", eps: float, cfg: "ComputeConfig",
+                    dev: torch.device) -> torch.Tensor:
+    """The universal perturbation of ``method`` (``grad``, ``pca``, ``pca+`` or ``uap``) at radius
+    ``eps`` (model units), computed on ``attack`` (a DataLoader of the attack split) with the
+    settings of ``cfg`` (a :class:`~upi_fast.pipeline.ComputeConfig`: norm, epochs, batch size,
+    saliency, HVP, solver, ``plus_lambda``, seed, precision, ``fast``): a (C, H, W) tensor on the CPU."""
     from .solvers import UPIGrad, UPIPCA
     from .solvers.baselines import classification_uap
 
@@ -127,7 +132,7 @@ def _mean_rows(runs: list[dict]) -> dict:
     return out
 
 
-def sweep(cfg, budgets: Sequence[float], methods: str | Sequence[str] = DEFAULT_METHODS, budget: str = "eps_pixels",
+def sweep(cfg: "ComputeConfig", budgets: Sequence[float], methods: str | Sequence[str] = DEFAULT_METHODS, budget: str = "eps_pixels",
           random_draws: int = 3, per_image_steps: int = 20, log: Callable[[str], None] = print) -> dict:
     """Every method at every budget: computed on the attack split, evaluated on the evaluation split.
 
@@ -201,7 +206,7 @@ def sweep(cfg, budgets: Sequence[float], methods: str | Sequence[str] = DEFAULT_
                     res = _evaluate_fitting(model, attack_fn, dataset, ev_idx, cfg_b, dev, base.batch_size)
                     row["steps"] = per_image_steps
                 else:
-                    delta = universal_delta(key, model, attack, eps, cfg_b, dev, shape)
+                    delta = universal_delta(key, model, attack, eps, cfg_b, dev)
                     res = _evaluate_fitting(model, delta, dataset, ev_idx, cfg_b, dev, base.batch_size)
                     row["delta_norm"] = _norm_of(delta, base.norm)
             row.update({k: v for k, v in res.items() if k != "per_sample"})

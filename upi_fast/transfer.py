@@ -15,11 +15,14 @@ import contextlib
 import dataclasses
 import os
 import time
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from . import io, viz
 from .data import make_loader, split_indices
 from .report import format_eps, samples_line
+
+if TYPE_CHECKING:
+    from .pipeline import ComputeConfig
 
 __all__ = ["parse_models", "model_labels", "transfer", "transfer_table", "write_transfer"]
 
@@ -73,7 +76,7 @@ def _as_models_error(label: str) -> Iterator[None]:
         raise
 
 
-def transfer(cfg, models: Sequence[tuple[str, str | None]], log: Callable[[str], None] = print) -> dict:
+def transfer(cfg: "ComputeConfig", models: Sequence[tuple[str, str | None]], log: Callable[[str], None] = print) -> dict:
     """Compute each model's UPI and evaluate it on every model.
 
     Args:
@@ -124,7 +127,7 @@ def transfer(cfg, models: Sequence[tuple[str, str | None]], log: Callable[[str],
     for i, (net, label) in enumerate(zip(nets, labels)):
         t = time.perf_counter()
         with _as_models_error(label), _blame("--model", data=cfg.data):
-            deltas.append(universal_delta(cfg.method, net, attack, eps, cfg, dev, shape))
+            deltas.append(universal_delta(cfg.method, net, attack, eps, cfg, dev))
         seconds.append(time.perf_counter() - t)
         log(f"  [{i + 1}/{len(nets)}] {method} on {label} ({seconds[-1]:.1f} s)")
     rows, rand, ns, totals = [], {m: [] for m in _METRICS}, [], []

@@ -394,8 +394,7 @@ def plot_transfer(sources: Sequence[str], targets: Sequence[str], matrices: Mapp
     for ax, (k, grid) in zip(axes, grids.items()):
         name, unit, direction = METRIC_INFO.get(k, (k.replace("_", " "), "", ""))
         arr = np.array(grid, dtype=float)
-        cmap = colormaps["viridis"].copy()
-        cmap.set_bad("lightgrey")
+        cmap = colormaps["viridis"].with_extremes(bad="lightgrey")
         finite = arr[np.isfinite(arr)]
         vmin, vmax = (0.0, 1.0) if k in ("topk_intersection", "fooling_rate") else \
             (0.0, float(finite.max()) if finite.size and finite.max() > 0 else 1.0)

@@ -70,6 +70,8 @@ class SaliencyMethod:
         single_point: whether ``A(x)`` is the gradient at ``x`` itself (one point, weight 1).
         multiplies_input: whether the attribution is always ``(x - baseline) * A(x)`` (otherwise only
             with ``multiply_by_input=True``).
+        uses: the saliency options it reads (``steps``, ``integration``, ``baseline``, ``noise_std``,
+            ``n_samples``).
     """
 
     name: str = ""
@@ -77,6 +79,9 @@ class SaliencyMethod:
     stochastic: bool = False
     single_point: bool = False
     multiplies_input: bool = False
+    #: The :func:`upi_fast.saliency.saliency` options the method reads (besides ``target_kind``,
+    #: ``postprocess`` and ``multiply_by_input``, which every method takes).
+    uses: tuple[str, ...] = ()
 
     # -- options -----------------------------------------------------------------------------------
     def check(self, *, steps: int, noise_std: float, n_samples: int, integration: str) -> None:

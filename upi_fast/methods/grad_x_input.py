@@ -13,3 +13,4 @@ class GradXInput(SaliencyMethod):
     order = 30
     single_point = True
     multiplies_input = True
+    uses = ("baseline",)

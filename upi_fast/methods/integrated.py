@@ -112,6 +112,7 @@ class IntegratedGradients(SaliencyMethod):
 
     name = "integrated"
     order = 10
+    uses = ("steps", "integration", "baseline")
 
     def check(self, *, steps, noise_std, n_samples, integration) -> None:
         check_integration(integration, steps)

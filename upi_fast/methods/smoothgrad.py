@@ -20,6 +20,7 @@ class SmoothGrad(SaliencyMethod):
     name = "smoothgrad"
     order = 20
     stochastic = True
+    uses = ("noise_std", "n_samples")
 
     def check(self, *, steps, noise_std, n_samples, integration) -> None:
         if noise_std == 0:

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from ..data import as_batches, derive_seed, epoch_order, global_batches, ShareSampler, share_loader
 from ..distributed import Comm, current, shard_bounds
 from ..hvp import SaliencySpec
-from ..saliency import postprocess_maps, raw_gradient, smoothgrad_noise
+from ..saliency import postprocess_maps, raw_gradient
 from ._common import model_check, surrogate_context
 from ._microbatch import MicroBatcher
 
@@ -201,7 +201,7 @@ class CleanBatches:
         """Reference maps (B, N) of the attacked network (the surrogate, when one is used)."""
         s = self.spec
         # smoothgrad: the draws for the whole batch, as raw_gradient would make them, split with the batch
-        noise = smoothgrad_noise(x, s.smoothgrad_std, s.n_samples, generator) if s.method == "smoothgrad" else None
+        noise = s.draw_noise(x, generator)
 
         def part(lo: int, hi: int) -> torch.Tensor:
             g = raw_gradient(self.model, x[lo:hi], y[lo:hi], s.method, s.target_kind, False, s.steps, s.baseline,
@@ -216,7 +216,7 @@ class CleanBatches:
 
     def smoothgrad_generator(self, *parts: int) -> torch.Generator | None:
         """A generator for smoothgrad draws, seeded from ``(seed, parts, rank)`` (None for other maps)."""
-        if self.spec.method != "smoothgrad":
+        if not self.spec.stochastic:
             return None
         return torch.Generator(device=self.device).manual_seed(
             derive_seed(self.seed, _SALT_SMOOTHGRAD, *parts, self.comm.rank))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..hvp import SaliencySpec
+from ..hvp_modes import AUTO, DOUBLE_BACKWARD
 from ._common import autograd_errors, surrogate_context
 
 __all__ = ["FastSteps", "fast_config"]
@@ -28,8 +29,8 @@ class FastSteps:
     def __init__(self, fast, model, spec: SaliencySpec, hvp: str, precision: str, fd_step: float,
                  surrogate) -> None:
         self.model, self.spec, self.hvp, self.surrogate = model, spec, hvp, surrogate
-        upgrade = hvp == "double_backward" and spec.target_kind == "prob"
-        self.options = {"hvp": "auto" if upgrade else hvp, "precision": precision, "fd_step": fd_step,
+        upgrade = hvp == DOUBLE_BACKWARD and spec.target_kind == "prob"
+        self.options = {"hvp": AUTO if upgrade else hvp, "precision": precision, "fd_step": fd_step,
                         "validate": False}
         if isinstance(fast, dict):
             self.options.update(fast)

@@ -29,7 +29,7 @@ from ..hvp import _loss_grad
 from ..data import derive_seed
 from ..dissimilarity import dissimilarity as dissimilarity_fn
 from ..projection import project, random_in_ball, steepest_step
-from ..saliency import postprocess_maps, raw_gradient, smoothgrad_noise
+from ..saliency import postprocess_maps, raw_gradient
 from ._batches import CleanBatches, batch_noise
 from ._common import (DataLike, FastLike, SurrogateLike, autocast_factory, autograd_errors, check_common,
                       check_fast, check_flag, check_hvp, check_precision, default_noise_std, make_spec, resolve_device,
@@ -291,7 +291,7 @@ class UPIGrad:
             return postprocess_maps(g, s.postprocess).to(x.dtype)
 
         def part(x, y, gen):
-            noise = smoothgrad_noise(x, s.smoothgrad_std, s.n_samples, gen) if s.method == "smoothgrad" else None
+            noise = s.draw_noise(x, gen)
             ref = maps(x, y, noise)
             keep = (ref != 0).any(1)  # samples without an interpretation are left out, as in the attack
             if not bool(keep.all()):

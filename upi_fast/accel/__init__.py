@@ -34,6 +34,9 @@ unprepared model); specs the lean step does not cover (integrated / smoothgrad s
 
 What :func:`torch.compile` cannot do here: double backward (PyTorch issue #91469) and the
 piecewise-linear tangent pass (a ``TorchFunctionMode`` replaying recorded activation masks); for those
+modes ``compile=True`` is refused with the reason. The finite-difference modes are first order
+(two or three plain gradients), so their forward and backward compile.
+"""
 from __future__ import annotations
 
 from .autotune import autotune_step

@@ -11,7 +11,7 @@ from torch import nn
 
 from .._checks import check_choice, check_delta, check_images, check_labels, check_maps, check_model, check_positive
 from ..hvp import HVP_MODES, SaliencySpec, _loss_grad
-from ..hvp_modes import AUTO, DIRECTIONS, DOUBLE_BACKWARD, FIRST_ORDER_MODES, PIECEWISE_LINEAR, RESOLVED_MODES, \
+from ..hvp_modes import AUTO, DIRECTIONS, DOUBLE_BACKWARD, FIRST_ORDER_MODES, FORWARD, PIECEWISE_LINEAR, RESOLVED_MODES, \
     Hooks, double_backward
 from ..piecewise import piecewise_or_fallback, resolve_hvp
 from .prepare import _model_device, prepare_model
@@ -19,7 +19,7 @@ from .prepare import _model_device, prepare_model
 __all__ = ["FastStep", "fast_step", "PRECISIONS", "COMPILABLE_MODES"]
 
 #: Modes the lean step runs (the forward mode runs the reference code on the prepared model).
-LEAN_MODES = tuple(m for m in HVP_MODES if m != "forward")
+LEAN_MODES = tuple(m for m in HVP_MODES if m != FORWARD)
 
 logger = logging.getLogger("upi_fast")
 
@@ -258,8 +258,8 @@ class FastStep:
                 if per_sample:
                     ds = torch.cat([ds, ds[pad]])
             args = (xs, ys, Is, ds, scale)
-            loss, jtu = piecewise_or_fallback(self.model_, self._layout((xs + ds).detach()), self.hvp, self.hvp_,
-                                              lambda mode: self._run_chunk(args), self._refused)
+            loss, jtu = piecewise_or_fallback(self.model_, lambda: self._layout((xs + ds).detach()), self.hvp,
+                                              self.hvp_, lambda mode: self._run_chunk(args), self._refused)
             losses.append(loss[:n])
             parts.append(jtu[:n].to(x.dtype) if per_sample else jtu[:n].to(x.dtype).sum(0))
         loss = torch.cat(losses).detach()
