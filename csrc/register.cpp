@@ -1,24 +1,20 @@
-// Registration of the CUDA kernels for the upi_fast:: ops, and the Python module upi_fast._C.
+// Registration of the CUDA kernels, and the Python module upi_fast._C.
 //
-// The schemas are defined from Python (torch.library.define in upi_fast/ops/*.py); importing
-// upi_fast._C registers the kernels below for the CUDA dispatch key of those schemas. Each
-// kernel's schema is inferred from its C++ signature and checked by the dispatcher against the
-// Python one, so a signature that disagrees fails loudly instead of being called wrongly.
+// The kernels are ops of the extension's own namespace, upi_fast_cuda::<op>, registered for the CUDA
+// dispatch key; they never register anything for the public upi_fast::<op> ops. Their schemas are
+// defined from Python, from the one table of the ops (upi_fast/ops/table.py, define_schemas), before
+// upi_fast/ops/__init__.py imports this module; the Python dispatcher of upi_fast::<op> then calls
+// torch.ops.upi_fast_cuda.<op> when the cuda backend serves a CUDA tensor. Each kernel's schema is
+// inferred from its C++ signature and checked by the dispatcher against the Python one, so a
+// signature that disagrees fails loudly instead of being called wrongly.
 //
-// Where the registration happens, and why (verified with torch 2.14):
-// * the dispatcher accepts an implementation before its schema exists (``_dispatch_dump`` shows
-//   ``schema: (none)`` and the CUDA kernel) and checks it when the definition arrives, so the load
-//   order of this library and upi_fast.ops does not matter for correctness;
-// * but a static ``TORCH_LIBRARY_IMPL`` block runs while the shared library is being dlopen'ed, and a
-//   schema mismatch detected there (a stale build against edited Python schemas) throws out of a
-//   static initializer: std::terminate, the whole Python process aborts.
-// So the same registration (a torch::Library of kind IMPL for namespace upi_fast and key CUDA, as
-// TORCH_LIBRARY_IMPL(upi_fast, CUDA, m) creates) is made when the module is imported, inside a try
-// block: a mismatch becomes an ImportError that upi_fast reports as "cuda backend unavailable".
-// Loading the library with torch.ops.load_library therefore registers nothing; import it instead.
-//
-// Later registrations for the same key take precedence and destroying them restores this one:
-// upi_fast/ops/__init__.py relies on that to route CUDA tensors to the triton/torch backends.
+// A static TORCH_LIBRARY_IMPL block would run while the shared library is being dlopen'ed, and a
+// schema mismatch detected there (a stale build against edited schemas) would throw out of a static
+// initializer: std::terminate, the whole Python process aborts. So the same registration (a
+// torch::Library of kind IMPL, as TORCH_LIBRARY_IMPL(upi_fast_cuda, CUDA, m) creates) is made when
+// the module is imported, inside a try block: a mismatch becomes an ImportError that upi_fast reports
+// as "cuda backend unavailable". Loading the library with torch.ops.load_library therefore registers
+// nothing; import it instead.
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -43,10 +39,10 @@
 #define UPI_FAST_CUDA_ARCHS unknown
 #endif
 // Where the kernels are registered. The emulated build (tests only, csrc/emulate/) compiles this
-// file unchanged but for these two: its own namespace (its schemas are copies of upi_fast's), and
-// CompositeExplicitAutograd, so that tensors of any device reach the host code's device checks.
+// file unchanged but for these two: its own namespace upi_fast_emu (schemas from the same table),
+// and CompositeExplicitAutograd, so that tensors of any device reach the host code's device checks.
 #ifndef UPI_FAST_OPS_NAMESPACE
-#define UPI_FAST_OPS_NAMESPACE upi_fast
+#define UPI_FAST_OPS_NAMESPACE upi_fast_cuda
 #endif
 #ifndef UPI_FAST_DISPATCH_KEY
 #define UPI_FAST_DISPATCH_KEY CUDA
@@ -57,7 +53,8 @@
 
 namespace {
 
-/// The ops this library registers for CUDA, in registration order.
+/// The ops this library registers (in namespace UPI_FAST_OPS_NAMESPACE), in registration order; the
+/// same set as upi_fast/ops/table.py (tests/test_op_table.py checks).
 const std::vector<std::string>& registered_ops() {
   static const std::vector<std::string> ops = {"saliency_dissim", "softplus", "softplus_backward",
                                                 "softplus_double_backward", "sketch_update"};
@@ -116,10 +113,11 @@ pybind11::dict build_info() {
 #endif
   info["build_system"] = std::string(UPI_STR(UPI_FAST_BUILD_SYSTEM));
   info["ops"] = registered_ops();
+  info["ops_namespace"] = std::string(UPI_STR(UPI_FAST_OPS_NAMESPACE));
   return info;
 }
 
-/// The body of TORCH_LIBRARY_IMPL(upi_fast, CUDA, m); keep registered_ops() in step.
+/// The body of TORCH_LIBRARY_IMPL(upi_fast_cuda, CUDA, m); keep registered_ops() in step.
 void register_cuda_kernels(torch::Library& m) {
   m.impl("saliency_dissim", TORCH_FN(upi_fast::saliency_dissim_cuda));
   m.impl("softplus", TORCH_FN(upi_fast::softplus_cuda));
@@ -144,7 +142,7 @@ void register_once() {
   } catch (const std::exception& e) {
     lib.reset();  // undo the registrations made before the failure
     throw pybind11::import_error(std::string("upi_fast._C: registering the CUDA kernels failed (is the extension "
-                                             "older than the op schemas in upi_fast/ops? rebuild it): ") +
+                                             "older than the op schemas in upi_fast/ops/table.py? rebuild it): ") +
                                  e.what());
   }
 }
@@ -153,8 +151,11 @@ void register_once() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   register_once();
-  mod.doc() = "upi_fast._C: CUDA kernels of the upi_fast:: ops (registered for the CUDA dispatch key on load)";
+  mod.doc() =
+      "upi_fast._C: CUDA kernels of the upi_fast:: ops, registered on load as the ops " UPI_STR(UPI_FAST_OPS_NAMESPACE) "::<op> "
+      "for the " UPI_STR(UPI_FAST_DISPATCH_KEY) " dispatch key";
+  mod.attr("ops_namespace") = UPI_STR(UPI_FAST_OPS_NAMESPACE);
   mod.def("build_info", &build_info,
           "Build information: CUDA/nvcc versions, architectures, host compiler, torch version, registered ops.");
-  mod.def("registered_ops", &registered_ops, "Names of the upi_fast:: ops this library registers for CUDA.");
+  mod.def("registered_ops", &registered_ops, "Names of the ops this library registers (in namespace ops_namespace).");
 }

@@ -23,7 +23,7 @@ Image = pytest.importorskip("PIL.Image")
 MEAN, STD = "0.485,0.456,0.406", "0.229,0.224,0.225"
 
 
-def _folder(root, classes, per_class, size=32, seed=0):
+def _folder(root, classes, per_class, size=24, seed=0):
     """Noise images whose class shows in their colour (class i: channel i % 3 bright)."""
     rng = np.random.default_rng(seed)
     for k, c in enumerate(classes):
@@ -92,11 +92,11 @@ def _model_args(world, *extra):
 
 @pytest.fixture(scope="module")
 def computed(world):
-    """``compute`` once: 3-class head from the weights, images resized 32 -> 40, ImageNet normalisation."""
+    """``compute`` once: 3-class head from the weights, images resized 24 -> 32, ImageNet normalisation."""
     import contextlib
     import io as _io
     out = world["root"] / "out"
-    argv = ["compute", "--data", world["data"], *_model_args(world, "--size", "40", "--mean", MEAN, "--std", STD),
+    argv = ["compute", "--data", world["data"], *_model_args(world, "--size", "32", "--mean", MEAN, "--std", STD),
             "--eps-pixels", "8", "--epochs", "1", "--attack-samples", "6", "--eval-samples", "12",
             "--batch-size", "6", "--no-progress", "--out", str(out)]
     buf_out, buf_err = _io.StringIO(), _io.StringIO()
@@ -107,15 +107,15 @@ def computed(world):
 
 
 def test_compute_infers_classes_and_records_what_evaluation_needs(world, computed):
-    assert "resizing images from 32x32 to 40x40" in computed["stdout"] and "--size 40" in computed["stdout"]
+    assert "resizing images from 24x24 to 32x32" in computed["stdout"] and "--size 32" in computed["stdout"]
     delta, meta = load_perturbation(computed["path"])
-    assert tuple(delta.shape) == (3, 40, 40)
-    assert meta["input_shape"] == [3, 40, 40] and meta["size"] == 40
+    assert tuple(delta.shape) == (3, 32, 32)
+    assert meta["input_shape"] == [3, 32, 32] and meta["size"] == 32
     assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406]) and meta["std"] == pytest.approx([0.229, 0.224, 0.225])
     assert (meta["saliency"], meta["target_kind"], meta["integration"]) == ("simple", "prob", "uniform_endpoints")
     assert meta["steps"] == 10 and meta["smoothgrad_std"] == 0.15 and meta["smoothgrad_samples"] == 10
     assert meta["eps_units"] == "pixels [0, 1]" and meta["norm"] == "2" and meta["eps_pixels"] == 8.0
-    assert meta["eps"] == pytest.approx(8 / 255 * (3 * 40 * 40) ** 0.5)
+    assert meta["eps"] == pytest.approx(8 / 255 * (3 * 32 * 32) ** 0.5)
     assert meta["model"] == "torchvision:resnet18" and meta["weights"] == "r18.safetensors"
     with open(world["weights"], "rb") as f:
         assert meta["weights_sha256"] == hashlib.sha256(f.read()).hexdigest()
@@ -128,10 +128,10 @@ def test_evaluate_takes_size_normalisation_and_saliency_from_the_file(world, com
                                     "--eval-samples", "18", "--out", out])
     assert rc == 0, err
     assert "warning" not in err
-    assert "from upi.safetensors: --size 40, --mean 0.485,0.456,0.406, --std 0.229,0.224,0.225" in stdout
-    assert "resizing images from 32x32 to 40x40" in stdout and "size 40 from upi.safetensors" in stdout
+    assert "from upi.safetensors: --size 32, --mean 0.485,0.456,0.406, --std 0.229,0.224,0.225" in stdout
+    assert "resizing images from 24x24 to 32x32" in stdout and "size 32 from upi.safetensors" in stdout
     setup = json.loads((out / "evaluation.json").read_text())["setup"]
-    assert setup["size"] == 40
+    assert setup["size"] == 32
     assert setup["mean"] == pytest.approx([0.485, 0.456, 0.406]) and setup["std"] == pytest.approx([0.229, 0.224, 0.225])
     assert setup["saliency"] == "simple" and setup["target_kind"] == "prob"
     assert {"size", "mean", "std", "saliency", "target_kind"} <= set(setup["from perturbation file"])
@@ -161,7 +161,7 @@ def test_a_size_that_cannot_fit_the_file_is_one_line(world, computed, capsys):
                                "--size", "64"])
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("upi-fast: error: ")
-    assert "--size 64" in lines[0] and "(3, 40, 40)" in lines[0]
+    assert "--size 64" in lines[0] and "(3, 32, 32)" in lines[0]
 
 
 def test_show_uses_the_files_settings(world, computed, capsys):
@@ -169,7 +169,7 @@ def test_show_uses_the_files_settings(world, computed, capsys):
     rc, stdout, err = _run(capsys, ["show", computed["path"], "--data", world["data"], *_model_args(world),
                                     "--n", "3", "--out", out])
     assert rc == 0, err
-    assert "from upi.safetensors: --size 40" in stdout
+    assert "from upi.safetensors: --size 32" in stdout
     assert (out / "upi.png").is_file() and (out / "upi_examples.png").is_file()
 
 
@@ -193,9 +193,9 @@ def test_default_size_is_announced(world):
     lines = []
     ds = _open(world["data"], None, lines.append)
     assert tuple(ds[0][0].shape) == (3, 224, 224)
-    assert len(lines) == 1 and lines[0].startswith("resizing images from 32x32 to 224x224") and "--size" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("resizing images from 24x24 to 224x224") and "--size" in lines[0]
     lines.clear()
-    _open(world["data"], 32, lines.append)
+    _open(world["data"], 24, lines.append)
     assert lines == []  # stored size: nothing to say
 
 

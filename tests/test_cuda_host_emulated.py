@@ -5,8 +5,9 @@ layout handling, dtype dispatch, output allocation) and ``csrc/register.cpp`` ar
 against ``csrc/emulate/`` (``emulate.h``: CUDA threads as fibers and the CUDA runtime calls the host
 code makes; ``shim/``: the CUDA and c10/cuda headers mapped onto it) into a small torch extension.
 ``register.cpp`` registers the entry points, with the C++ signatures of the real build, as the ops
-``upi_fast_emu::<op>``, whose schemas are copies of ``upi_fast::<op>``'s. Device memory is host
-memory: the entry points take CPU tensors.
+``upi_fast_emu::<op>`` (the real build's are ``upi_fast_cuda::<op>``), whose schemas come from the
+same table as ``upi_fast::<op>``'s (``upi_fast/ops/table.py``). Device memory is host memory: the
+entry points take CPU tensors.
 
 * The cases of ``tests/test_gpu_cuda_ext.py`` (shared through ``tests/_cuda_ext_cases.py``) run
   against the emulated entry points on two emulated devices (2 and 132 multiprocessors), with every
@@ -36,6 +37,7 @@ import pytest
 import torch
 
 import upi_fast.ops as upi_ops
+from upi_fast.ops.table import define_schemas
 from _cuda_ext_cases import (ALL_DTYPES, KINDS, OPS, SALIENCY_SHAPES, SKETCH_SHAPES, SOFTPLUS_LAYOUTS,
                              SOFTPLUS_SHAPES, Target, assert_rel, check_rademacher_columns,
                              check_saliency_all_kinds, check_saliency_layouts_and_errors, check_sketch,
@@ -66,11 +68,9 @@ _SCHEMA_LIB: list = []  # the upi_fast_emu schema definitions, alive for the ses
 
 
 def _define_schemas() -> torch.library.Library:
-    """``upi_fast_emu::<op>`` for each op, with the schema of ``upi_fast::<op>``."""
-    lib = torch.library.Library(NAMESPACE, "DEF")
-    for op in OPS:
-        lib.define(str(getattr(torch.ops.upi_fast, op).default._schema).split("::", 1)[1])
-    return lib
+    """``upi_fast_emu::<op>`` for each op of the table, defined as ``upi_fast::<op>`` and the real
+    build's ``upi_fast_cuda::<op>`` are (``upi_fast/ops/table.py``)."""
+    return define_schemas(torch.library.Library(NAMESPACE, "DEF"))
 
 
 def _build():
@@ -548,6 +548,42 @@ def test_kernels_are_each_others_derivatives(emu):
     r = torch.rand(2, 15, dtype=torch.float64)
     for kind in KINDS:
         assert torch.autograd.gradcheck(_kernel_saliency_loss(emu.ops, r, kind), (g,))
+
+
+def test_upi_fast_ops_reach_the_cpp_entry_points_through_the_one_dispatcher(emu, monkeypatch):
+    """What the ``cuda`` backend does for CUDA tensors, on CPU tensors: the dispatcher registered for
+    ``upi_fast::<op>`` calls the extension's op (here ``upi_fast_emu::<op>``, registered by the same
+    register.cpp as the real build's ``upi_fast_cuda::<op>``), under upi_fast's own autograd formulas
+    (first and second order: the backward ops are served by the C++ entry points too)."""
+    from upi_fast.ops.saliency_dissim import saliency_dissim
+    from upi_fast.ops.sketch_update import sketch_update
+    from upi_fast.ops.softplus import softplus
+    for op in OPS:  # the extension's op in the role of the table's "upi_fast_cuda::<op>"
+        monkeypatch.setitem(upi_ops._REGISTRY[op], "cuda", getattr(emu.ops, op).default)
+    monkeypatch.setitem(upi_ops._state, "backend", "cuda")
+    monkeypatch.setattr(upi_ops, "resolve_backend", lambda device: "cuda")
+    monkeypatch.setattr(upi_ops, "backends", lambda: {"torch": True, "triton": False, "cuda": True})
+    emu.clear()
+    x = (torch.randn(37, dtype=torch.float64) * 0.5).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: softplus(t, 3.0), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: softplus(t, 3.0), (x,))
+    torch.testing.assert_close(softplus(x, 3.0), softplus_reference(x, 3.0), rtol=1e-13, atol=1e-15)
+    g = torch.randn(2, 3, 5, 7, dtype=torch.float64, requires_grad=True)
+    ref = torch.rand(2, 35, dtype=torch.float64)
+    loss, grad = saliency_dissim(g, ref, "cosine")
+    want_loss, want_grad = saliency_dissim_reference(g.detach(), ref, "cosine", True)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-13)
+    (dg,) = torch.autograd.grad(loss.sum(), g)
+    torch.testing.assert_close(dg, want_grad, rtol=1e-10, atol=1e-13)
+    W, A = torch.zeros(5, 40, dtype=torch.float64), torch.randn(9, 40, dtype=torch.float64)
+    want = W.clone()
+    sketch_update(W, A, 3, 7, True)
+    sketch_update_reference(want, A, 3, 7, True)
+    torch.testing.assert_close(W, want, rtol=1e-12, atol=1e-13)
+    launched = {la.kernel for la in emu.launches()}
+    assert {"softplus_elementwise", "saliency_map", "saliency_stats", "saliency_grad",
+            "row_norms", "sketch_update_tiles"} <= launched, launched
 
 
 # ------------------------------------------------------------------------------------------------

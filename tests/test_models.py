@@ -138,8 +138,12 @@ def test_weights_mismatch_lists_keys(tmp_path):
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
     with pytest.raises(ValueError, match=r"missing keys \(1\): \['fc.bias'\].*unexpected keys \(1\): \['extra.weight'\]"):
         load_model("torchvision:resnet18", weights=tmp_path / "w.safetensors", num_classes=7)
-    with pytest.raises(ValueError, match=r"shape mismatches.*fc.weight"):
-        load_model("torchvision:resnet18", weights=_save_pt(tmp_path, m.state_dict()))  # 1000 classes
+    # without num_classes the head's size comes from the weights (issue 16); a num_classes that
+    # disagrees with them names both
+    from upi_fast.models import model_num_classes
+    assert model_num_classes(load_model("torchvision:resnet18", weights=_save_pt(tmp_path, m.state_dict())))[0] == 7
+    with pytest.raises(ValueError, match=r"num_classes=1000 does not match.*fc.weight has shape \(7, 512\)"):
+        load_model("torchvision:resnet18", weights=_save_pt(tmp_path, m.state_dict()), num_classes=1000)
 
 
 def _save_pt(tmp_path, sd):

@@ -30,7 +30,9 @@ wrong *or* when the logits have curvature. TF32 is disabled during the confirmat
 
 ``hvp="auto"`` (:func:`resolve_hvp`) picks ``"piecewise_linear"`` when the confirmation passes; when
 a later step's linearisation refuses, the step is recomputed with double backward and the model is
-marked refused from then on (logged once). With the logit target the exact Hessian of a
+marked refused from then on (logged once): :func:`piecewise_or_fallback`, the one per-batch
+fallback of the reference step (:mod:`upi_fast.hvp`) and the fast step (:mod:`upi_fast.accel`).
+The mode's computation itself is :func:`upi_fast.hvp_modes.piecewise_linear`. With the logit target the exact Hessian of a
 piecewise-linear network is zero almost everywhere: ``hvp="piecewise_linear"`` refuses it
 (:data:`LOGIT_TARGET_MESSAGE`), and ``hvp="auto"`` picks ``"finite_difference"`` for it.
 """

@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 
 from . import io, viz
+from .methods import options_used
 from .data import DEFAULT_IMAGE_FOLDER_SIZE, dataset_num_classes, make_loader, open_dataset, resize_note, split_indices
 from .distributed import Comm, launched, local_device, main_only, shard_bounds
 from .evaluate import evaluate
@@ -223,9 +224,10 @@ def _saliency_kwargs(s) -> dict:
     a dict with its saliency fields): the integration rule, and the steps / noise of the method."""
     s = s if isinstance(s, dict) else vars(s)
     kw = {"integration": s["integration"]}
-    if s["saliency"] == "integrated":
+    uses = options_used(s["saliency"])
+    if "steps" in uses:
         kw["steps"] = s["steps"]
-    elif s["saliency"] == "smoothgrad":
+    if "noise_std" in uses:
         kw.update(smoothgrad_std=s["smoothgrad_std"], n_samples=s["smoothgrad_samples"])
     return kw
 
@@ -395,8 +397,9 @@ def _fmt(v) -> str:
 
 
 def _applies(key: str, saliency: str) -> bool:
-    return (key not in ("integration", "steps") or saliency == "integrated") and \
-        (key not in ("smoothgrad_std", "smoothgrad_samples") or saliency == "smoothgrad")
+    option = {"integration": "integration", "steps": "steps", "smoothgrad_std": "noise_std",
+              "smoothgrad_samples": "n_samples"}.get(key)
+    return option is None or option in options_used(saliency)
 
 
 def _settings_from_file(path: str, meta: dict, delta: torch.Tensor, given: dict, log) -> tuple[dict, list]:
@@ -534,9 +537,10 @@ def show(path: str, out: str, data: str | None = None, model: str | None = None,
                                  f"shape {tuple(dataset[0][0].shape)}")
         net = _model(model, weights, num_classes, st["mean"], st["std"], dataset, data).eval()
         sal = dict(method=st["saliency"], target_kind=st["target_kind"])
-        if st["saliency"] == "integrated":
+        uses = options_used(st["saliency"])
+        if "steps" in uses:
             sal.update(integration=st["integration"], steps=st["steps"])
-        elif st["saliency"] == "smoothgrad":
+        if "noise_std" in uses:
             sal.update(noise_std=st["smoothgrad_std"], n_samples=st["smoothgrad_samples"],
                        generator=torch.Generator().manual_seed(0))
         items = [dataset[i] for i in range(min(n, len(dataset)))]

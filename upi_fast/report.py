@@ -20,7 +20,7 @@ COLUMNS = (("method", "method"), ("dissimilarity", "rel. L2 dissim."), ("topk_in
 
 #: metric key -> (readable name, unit, which direction is a stronger attack / what it means).
 METRIC_INFO = {
-    "dissimilarity": ("saliency dissimilarity", "relative L2, ||I' - I|| / ||I||", "higher = stronger attack"),
+    "dissimilarity": ("saliency dissimilarity", "relative L2, ||I'-I|| / ||I||", "higher = stronger attack"),
     "topk_intersection": ("top-k intersection", "fraction of the top-k pixels kept", "lower = stronger attack"),
     "spearman": ("Spearman rank correlation", "correlation in [-1, 1]", "lower = stronger attack"),
     "fooling_rate": ("fooling rate", "fraction of labels changed", "lower = stealthier: label kept"),

@@ -132,8 +132,8 @@ def _mean_rows(runs: list[dict]) -> dict:
     return out
 
 
-def sweep(cfg: "ComputeConfig", budgets: Sequence[float], methods: str | Sequence[str] = DEFAULT_METHODS, budget: str = "eps_pixels",
-          random_draws: int = 3, per_image_steps: int = 20, log: Callable[[str], None] = print) -> dict:
+def sweep(cfg: "ComputeConfig", budgets: Sequence[float], methods: str | Sequence[str] = DEFAULT_METHODS,
+          budget: str = "eps_pixels", random_draws: int = 3, per_image_steps: int = 20, log: Callable[[str], None] = print) -> dict:
     """Every method at every budget: computed on the attack split, evaluated on the evaluation split.
 
     Args:

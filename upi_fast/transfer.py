@@ -76,7 +76,8 @@ def _as_models_error(label: str) -> Iterator[None]:
         raise
 
 
-def transfer(cfg: "ComputeConfig", models: Sequence[tuple[str, str | None]], log: Callable[[str], None] = print) -> dict:
+def transfer(cfg: "ComputeConfig", models: Sequence[tuple[str, str | None]],
+             log: Callable[[str], None] = print) -> dict:
     """Compute each model's UPI and evaluate it on every model.
 
     Args:

@@ -49,7 +49,7 @@ import torch
 
 from ..harness import (Measurement, apply_threads, compare, cosine, finish_suite, machine_info, measure, memory_worker,
                        print_table, suite_parser)
-from .upi_grad import build_problem
+from ._problems import build_problem, cpu_peak_growth_mb, cuda_peak_mb
 
 __all__ = ["run", "main", "MODES"]
 
@@ -93,38 +93,6 @@ def _contenders(cfg: dict, model, x, y, I_ref, delta) -> dict[str, tuple[Callabl
 
 # ------------------------------------------------------------------------------------------- memory
 
-def _proc_status_mb(key: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-
-
-def _cpu_peak_growth_mb(fn: Callable) -> float:
-    fn()  # warm-up: lazily built library state is not the step's memory
-    _reset_peak_rss()
-    base = _proc_status_mb("VmRSS")
-    fn()
-    return _proc_status_mb("VmHWM") - base
-
-
-def _cuda_peak_mb(fn: Callable, device) -> float:
-    fn()
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-
-
 def _memory_worker(quick: bool, threads: int) -> dict:
     """CPU peak memory of every contender of every model (run in a fresh process, see module doc)."""
     torch.set_num_threads(threads)
@@ -134,7 +102,7 @@ def _memory_worker(quick: bool, threads: int) -> dict:
     out = {}
     for cfg in _configs(quick, "cpu"):
         problem = build_problem(cfg, "cpu")
-        out[cfg["model"]] = {name: _cpu_peak_growth_mb(fn) for name, (fn, _) in _contenders(cfg, *problem).items()}
+        out[cfg["model"]] = {name: cpu_peak_growth_mb(fn) for name, (fn, _) in _contenders(cfg, *problem).items()}
         del problem
     return out
 
@@ -157,7 +125,7 @@ def _time_model(cfg: dict, device: str, rounds: int, repeat: int) -> tuple[list[
     ms = [Measurement(name, times[name], cont[name][1]) for name in cont]
     if device == "cuda":
         for m in ms:
-            m.peak_mem_mb = _cuda_peak_mb(cont[m.name][0], torch.device(device))
+            m.peak_mem_mb = cuda_peak_mb(cont[m.name][0], torch.device(device))
     return ms, cos
 
 

@@ -62,6 +62,7 @@ import torch
 
 from ..harness import (Measurement, apply_threads, compare, cosine, finish_suite, machine_info, measure, memory_worker,
                        print_table, suite_parser)
+from ._problems import build_problem, configs, cpu_peak_growth_mb, cuda_peak_mb
 
 __all__ = ["run", "main", "build_problem", "configs"]
 
@@ -72,42 +73,6 @@ _COLUMNS = ["name", "exact", "items", "items_per_s", "median_s", "iqr_s", "speed
             "best_items_per_s", "setup_s", "peak_mem_mb", "mem_vs_ref", "cos_vs_ref"]
 _STRENGTH_COLUMNS = ["name", "hvp", "precision", "dissimilarity", "dissimilarity_std", "strength_vs_ref",
                      "fooling_rate", "fit_s", "fit_speedup"]
-_GPU_BATCH = {"resnet50": 128, "vgg16": 64}
-
-
-# ------------------------------------------------------------------------------------------- problems
-
-def configs(quick: bool, device: str, smoke: bool = False) -> list[dict]:
-    """Per model: name, input shape, batch, images in the per-sample loop."""
-    if smoke:
-        return [dict(model="digits CNN", shape=(1, 16, 16), batch=16, loop=2)]
-    cfgs = [dict(model="digits CNN", shape=(1, 16, 16), batch=128, loop=32 if quick else 128)]
-    if device == "cuda":
-        cfgs += [dict(model=m, shape=(3, 224, 224), batch=b, loop=4 if quick else 16) for m, b in _GPU_BATCH.items()]
-    else:
-        cfgs.append(dict(model="resnet18", shape=(3, 64, 64), batch=32 if quick else 64, loop=2 if quick else 16))
-    return cfgs
-
-
-def build_problem(cfg: dict, device: str):
-    """``(model, x, y, I_ref, delta)`` for a config, identical in every process (seeded)."""
-    import torchvision
-
-    import upi_fast as U
-    from upi_fast.models import build_digits_cnn
-
-    torch.manual_seed(0)
-    if cfg["model"] == "digits CNN":
-        model, classes = build_digits_cnn(cfg["shape"][-1]), 10
-    else:
-        model, classes = getattr(torchvision.models, cfg["model"])(weights=None), 1000
-    model = model.to(device).eval()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(cfg["batch"], *cfg["shape"], generator=g).to(device)
-    y = torch.randint(0, classes, (cfg["batch"],), generator=g).to(device)
-    delta = (0.05 * torch.randn(*cfg["shape"], generator=g)).to(device)
-    I_ref = U.saliency(model, x, y)
-    return model, x, y, I_ref, delta
 
 
 class _Contender:
@@ -216,7 +181,6 @@ def _contenders(cfg: dict, device: str, quick: bool, smoke: bool, problem) -> tu
 
 def _memory_worker(quick: bool, smoke: bool) -> dict:
     """CPU peak memory of every contender of every model (a fresh process, see the module doc)."""
-    from .hvp import _cpu_peak_growth_mb
 
     libc = ctypes.CDLL("libc.so.6")
     if libc.mallopt(-3, 64 * 1024) != 1:  # M_MMAP_THRESHOLD
@@ -225,7 +189,7 @@ def _memory_worker(quick: bool, smoke: bool) -> dict:
     for cfg in configs(quick, "cpu", smoke):
         problem = build_problem(cfg, "cpu")
         cont, _ = _contenders(cfg, "cpu", quick, smoke, problem)
-        out[cfg["model"]] = {name: _cpu_peak_growth_mb(c.fn) for name, c in cont.items()}
+        out[cfg["model"]] = {name: cpu_peak_growth_mb(c.fn) for name, c in cont.items()}
         del problem, cont
     return out
 
@@ -233,7 +197,6 @@ def _memory_worker(quick: bool, smoke: bool) -> dict:
 # ------------------------------------------------------------------------------------------- timing
 
 def _time_model(cfg: dict, device: str, quick: bool, smoke: bool, rounds: int, repeat: int):
-    from .hvp import _cuda_peak_mb
 
     problem = build_problem(cfg, device)
     cont, best = _contenders(cfg, device, quick, smoke, problem)
@@ -252,7 +215,7 @@ def _time_model(cfg: dict, device: str, quick: bool, smoke: bool, rounds: int, r
     if device == "cuda":
         for m in ms:
             try:
-                m.peak_mem_mb = _cuda_peak_mb(cont[m.name].fn, torch.device(device))
+                m.peak_mem_mb = cuda_peak_mb(cont[m.name].fn, torch.device(device))
             except RuntimeError as exc:  # e.g. out of memory for one contender
                 m.extra["memory_error"] = str(exc).splitlines()[0]
     return problem, cont, best, ms, cos

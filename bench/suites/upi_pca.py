@@ -30,7 +30,7 @@ import torch
 
 from ..harness import (Measurement, apply_threads, compare, finish_suite, machine_info, measure, print_table,
                        suite_parser)
-from .upi_grad import build_problem
+from ._problems import build_problem
 
 __all__ = ["run", "main"]
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import REGISTRY, Baseline, Points, SaliencyMethod, baseline_like, get, names, register
+from .base import REGISTRY, Baseline, Points, SaliencyMethod, baseline_like, get, names, options_used, register
 
-__all__ = ["METHODS", "SaliencyMethod", "Points", "register", "get", "names", "REGISTRY", "baseline_like",
+__all__ = ["METHODS", "SaliencyMethod", "Points", "register", "get", "names", "options_used", "REGISTRY", "baseline_like",
            "Baseline"]
 
 

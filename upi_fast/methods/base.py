@@ -24,7 +24,7 @@ import torch
 
 from .._checks import check_choice
 
-__all__ = ["SaliencyMethod", "Points", "register", "get", "names", "REGISTRY", "baseline_like", "Baseline"]
+__all__ = ["SaliencyMethod", "Points", "register", "get", "names", "options_used", "REGISTRY", "baseline_like", "Baseline"]
 
 #: A baseline: a tensor or number broadcastable to the images, or None (zeros).
 Baseline = Union[torch.Tensor, float, None]
@@ -144,6 +144,13 @@ def register(cls: type) -> type:
 def names() -> tuple[str, ...]:
     """The registered methods' names, by ``order`` then name."""
     return tuple(sorted(REGISTRY, key=lambda n: (REGISTRY[n].order, n)))
+
+
+def options_used(method: str) -> tuple[str, ...]:
+    """The saliency options the method named ``method`` reads (:attr:`SaliencyMethod.uses`; () for
+    a name that is not registered)."""
+    m = REGISTRY.get(method) if isinstance(method, str) else None
+    return m.uses if m is not None else ()
 
 
 def get(method: str) -> SaliencyMethod:

@@ -1,15 +1,21 @@
 """Custom ops of upi_fast and the rule that picks their implementation.
 
-Every op is declared once with ``torch.library`` as ``upi_fast::<name>`` (one file per op in
-this package: schema, fake kernel, pure-PyTorch reference, autograd). Implementations:
+Every op is declared once, in the table of :mod:`upi_fast.ops.table` (schema, implementations,
+tests), and defined from it as ``upi_fast::<name>``; one file per op in this package holds its fake
+kernel, its pure-PyTorch reference and its autograd formula. Implementations:
 
-* ``torch``  -- the pure-PyTorch reference (always available, every device);
+* ``torch``  -- the pure-PyTorch reference (always available, every device); also the op's default
+  kernel (``CompositeExplicitAutograd``), which serves the devices other than CPU and CUDA;
 * ``triton`` -- Triton kernels from :mod:`upi_fast.kernels` (CUDA tensors; CPU tensors too when
   ``TRITON_INTERPRET=1`` was set before the first kernel import);
-* ``cuda``   -- the C++/CUDA extension ``upi_fast._C`` (CUDA tensors), which registers its kernels
-  for the ``CUDA`` dispatch key of the same schemas.
+* ``cuda``   -- the C++/CUDA extension ``upi_fast._C`` (CUDA tensors): its kernels are the ops
+  ``upi_fast_cuda::<name>`` (same schemas, ``CUDA`` key only).
 
-The dispatch rule, per call and per device of the inputs:
+One Python dispatcher, registered once for the ``CPU`` and ``CUDA`` keys of every ``upi_fast::`` op,
+looks the implementation up per call (:func:`implementation`); the autograd formulas (the
+``Autograd`` key, ``torch.library.register_autograd``) call the ops again, so derivatives follow the
+same choice. :func:`set_backend` only changes the setting: no registration is ever made, replaced or
+removed after import. The dispatch rule, per call and per device of the inputs:
 
 * ``set_backend("torch" | "triton" | "cuda")`` (or ``UPI_FAST_BACKEND``) forces a backend; asking
   for one that is unavailable raises :class:`RuntimeError` at once. CPU tensors use ``triton``
@@ -17,8 +23,6 @@ The dispatch rule, per call and per device of the inputs:
 * ``"auto"`` (the default) uses, for CUDA tensors, ``cuda`` if the extension is built, else
   ``triton`` if Triton imports, else ``torch``; CPU tensors always use ``torch``. Each quiet
   fall-back is logged once at DEBUG level on the ``upi_fast`` logger.
-
-The module holds the backend state and this rule, nothing else.
 """
 from __future__ import annotations
 
@@ -31,13 +35,16 @@ from typing import Callable
 
 import torch
 
-__all__ = ["set_backend", "get_backend", "backends", "resolve_backend", "BACKENDS"]
+from .table import CUDA_NAMESPACE, IMPLEMENTATIONS, NAMESPACE, OPS, define_schemas, load
+
+__all__ = ["set_backend", "get_backend", "backends", "resolve_backend", "implementation", "BACKENDS"]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 _log = logging.getLogger("upi_fast")
 
-_state: dict = {"backend": None, "cuda_lib": None, "logged": set()}
-# op name -> {"torch": callable, "triton": "module:function"}; filled by the op modules.
+_state: dict = {"backend": None, "logged": set(), "cuda_schemas": None}
+# op name -> {"torch" | "triton" | "cuda": what implements it}: a callable, or the table's name of one
+# ("module:function", "namespace::op"), loaded on first use (importing upi_fast compiles nothing).
 _REGISTRY: dict[str, dict[str, object]] = {}
 
 
@@ -46,33 +53,42 @@ def _interpreter_on() -> bool:
 
 
 def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    if "triton_spec" not in _state:  # find_spec walks sys.path: once per process
+        _state["triton_spec"] = importlib.util.find_spec("triton") is not None
+    return _state["triton_spec"]
 
 
 def _cuda_ext():
     """The loaded extension module ``upi_fast._C``, or ``None`` when it is not built (or unusable).
 
-    Importing it registers its C++ kernels for the ``CUDA`` dispatch key of the ops; it initialises
-    no CUDA context. If the Python router was registered for ``CUDA`` before the extension loaded,
-    the C++ kernels (the newer registration) would shadow it, so the router is registered again.
+    The extension's kernels are ops of its own namespace, ``upi_fast_cuda::<op>`` (``CUDA`` key,
+    ``csrc/register.cpp``), whose schemas are defined here, from the table, before the import: a C++
+    signature that disagrees with them makes the import fail (an ``ImportError``, reported by
+    :func:`backends`). Importing it initialises no CUDA context and registers nothing for
+    ``upi_fast::``, so when it loads does not matter.
     """
     if "ext" not in _state:
+        _state["ext"] = None
+        if _state["cuda_schemas"] is None:
+            _state["cuda_schemas"] = define_schemas(torch.library.Library(CUDA_NAMESPACE, "DEF"))
         try:
             ext = importlib.import_module("upi_fast._C")
         except (ImportError, OSError) as exc:  # not built, built against another torch, stale schemas
-            _state["ext"] = None
             _state["ext_error"] = f"{type(exc).__name__}: {exc}"
             return None
+        namespace = getattr(ext, "ops_namespace", None)
+        if namespace != CUDA_NAMESPACE:  # built from the sources before the upi_fast_cuda namespace
+            _state["ext_error"] = (f"upi_fast._C registers its kernels in namespace {namespace or 'upi_fast'!r}, "
+                                   f"not {CUDA_NAMESPACE!r}: it was built from older sources; rebuild it with "
+                                   "UPI_FAST_BUILD_CUDA=1 (csrc/README.md)")
+            warnings.warn(_state["ext_error"], RuntimeWarning, stacklevel=2)
+            return None
         _state["ext"] = ext
-        if _state["cuda_lib"] is not None:
-            _state["cuda_lib"]._destroy()
-            _state["cuda_lib"] = None
-            _sync_cuda_registration()
     return _state["ext"]
 
 
 def _cuda_ext_missing_ops() -> list[str]:
-    """Ops of this package that the loaded extension does not register (all of them without it)."""
+    """Ops of the table that the loaded extension does not register (all of them without it)."""
     ext = _cuda_ext()
     have = set(getattr(ext, "registered_ops", lambda: [])()) if ext is not None else set()
     return sorted(set(_REGISTRY) - have)
@@ -122,7 +138,6 @@ def set_backend(name: str) -> None:
     if name in ("triton", "cuda") and not backends()[name]:
         raise RuntimeError(f"backend {name!r} is unavailable: {_why_unavailable(name)}")
     _state["backend"] = name
-    _sync_cuda_registration()
 
 
 def get_backend() -> str:
@@ -161,70 +176,57 @@ def _log_once(msg: str) -> None:
         _log.debug(msg)
 
 
-def register(op: str, torch_impl: Callable, triton_impl: str | None) -> None:
-    """Called by each op module: the reference implementation and the ``module:function`` of its
-    Triton launcher (imported on first use, so importing upi_fast compiles nothing)."""
-    _REGISTRY[op] = {"torch": torch_impl, "triton": triton_impl}
-    _CPU_LIB.impl(op, router(op), "CPU")
+def register_implementation(op: str, backend: str, impl: str | Callable) -> None:
+    """The one way an implementation reaches the dispatcher: ``impl`` (a callable, or a name as in the
+    table: ``module:function``, ``namespace::op``) serves ``op`` when ``backend`` is chosen."""
+    if backend not in IMPLEMENTATIONS:
+        raise ValueError(f"backend must be one of {IMPLEMENTATIONS}, got {backend!r}")
+    _REGISTRY.setdefault(op, {})[backend] = impl
 
 
-def implementation(op: str, device: torch.device) -> Callable:
-    """The Python implementation of ``op`` for tensors on ``device`` (torch or triton)."""
-    backend = resolve_backend(device)
+def _loaded(op: str, backend: str) -> Callable:
     entry = _REGISTRY[op]
-    if backend == "triton" and entry["triton"] is not None:
-        spec = entry["triton"]
-        if not callable(spec):
-            mod, fn = spec.split(":")
-            spec = getattr(importlib.import_module(mod), fn)
-            entry["triton"] = spec
-        return spec
-    if backend == "cuda":
-        # When the cuda backend is usable its C++ kernels serve CUDA tensors directly (this router is
-        # not registered for CUDA then), so reaching here means it was forced but is unusable.
+    impl = entry[backend]
+    if not callable(impl):
+        impl = entry[backend] = load(impl)
+    return impl
+
+
+def implementation(op: str, device: torch.device | str) -> Callable:
+    """The implementation of ``op`` that serves tensors on ``device`` under the current setting:
+    the torch reference, the Triton launcher, or the extension's op ``upi_fast_cuda::<op>``."""
+    backend = resolve_backend(device)
+    # "auto" resolves to "cuda" only when it is usable; a forced one may not be (UPI_FAST_BACKEND=cuda)
+    if backend == "cuda" and _state["backend"] == "cuda" and not backends()["cuda"]:
         raise RuntimeError(f"backend 'cuda' is unavailable: {_why_unavailable('cuda')}")
-    return entry["torch"]
+    return _loaded(op, backend)
 
 
-def router(op: str) -> Callable:
-    """A kernel for the dispatcher that forwards to :func:`implementation` for the input's device."""
+def _dispatcher(op: str) -> Callable:
+    """The kernel registered for ``CPU`` and ``CUDA``: forwards to :func:`implementation` for the
+    device of the first tensor argument."""
 
     def _kernel(*args):
         dev = next(a.device for a in args if isinstance(a, torch.Tensor))
         return implementation(op, dev)(*args)
 
-    _kernel.__name__ = f"{op}_router"
+    _kernel.__name__ = _kernel.__qualname__ = f"{op}_dispatcher"
     return _kernel
 
 
-def _sync_cuda_registration() -> None:
-    """Make the ``CUDA`` dispatch key of every op point at the selected backend.
+# The schemas, from the table; the library also holds the kernels registered below, for the life of
+# the process.
+_LIB = define_schemas(torch.library.Library(NAMESPACE, "DEF"))
 
-    The C++ extension registers its kernels for ``CUDA`` when it is imported, which happens here
-    first. Unless the ``cuda`` backend is in force and usable, the Python router is registered on
-    top of them (the most recent registration for a key is the one that runs); selecting ``cuda``
-    destroys the Python registration, and the C++ kernels serve again (verified with
-    ``torch._C._dispatch_dump``, see tests/test_cuda_ext.py).
-    """
-    _cuda_ext()  # before the router: a registration made after the router's would shadow it
-    want_python = not (torch.cuda.is_available() and resolve_backend("cuda") == "cuda" and backends()["cuda"])
-    lib = _state["cuda_lib"]
-    if want_python and lib is None:
-        lib = torch.library.Library("upi_fast", "IMPL")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
-            for op in _REGISTRY:
-                lib.impl(op, router(op), "CUDA")
-        _state["cuda_lib"] = lib
-    elif not want_python and lib is not None:
-        lib._destroy()
-        _state["cuda_lib"] = None
-
-
-# CPU kernels of every op: the Python router (torch reference, or Triton under the interpreter).
-_CPU_LIB = torch.library.Library("upi_fast", "IMPL")
-
-# Import the op modules last: they call ``register`` above.
+# The op modules: fake kernels, references, autograd formulas (they need the schemas above).
 from . import saliency_dissim, softplus, sketch_update  # noqa: E402,F401
 
-_sync_cuda_registration()
+for _spec in OPS:
+    for _backend in IMPLEMENTATIONS:
+        register_implementation(_spec.name, _backend, _spec.implementation(_backend))
+    _LIB.impl(_spec.name, _loaded(_spec.name, "torch"), "CompositeExplicitAutograd")  # the default kernel
+    _LIB.impl(_spec.name, _dispatcher(_spec.name), "CPU")
+    _LIB.impl(_spec.name, _dispatcher(_spec.name), "CUDA")
+del _spec, _backend
+
+_cuda_ext()  # load the extension now (no CUDA context), so that backends() and info() report on it

@@ -16,18 +16,13 @@ from __future__ import annotations
 
 import torch
 
-from . import register
-
 __all__ = ["saliency_dissim", "saliency_dissim_reference", "fused_saliency_loss", "KINDS"]
 
 #: Dissimilarities the fused op implements.
 KINDS = ("l2", "rel_l2", "cosine")
 _TINY = 1e-30
 
-torch.library.define(
-    "upi_fast::saliency_dissim",
-    "(Tensor g, Tensor ref, str kind, bool compute_grad) -> (Tensor, Tensor)",
-)
+# The schema and the implementations (torch reference, Triton, CUDA) are in upi_fast/ops/table.py.
 
 
 @torch.library.register_fake("upi_fast::saliency_dissim")
@@ -96,9 +91,6 @@ def _check(g: torch.Tensor, ref: torch.Tensor, kind: str) -> None:
 
 def _shape(t) -> str:
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
-register("saliency_dissim", saliency_dissim_reference, "upi_fast.kernels.saliency_dissim:saliency_dissim_triton")
 
 
 def _setup_context(ctx, inputs, output):

@@ -20,17 +20,12 @@ from __future__ import annotations
 
 import torch
 
-from . import register
-
 __all__ = ["sketch_update", "sketch_update_reference", "rademacher_columns", "mix32"]
 
 _M32 = 0xFFFFFFFF
 _C1, _C2, _GOLD = 0x7FEB352D, 0x846CA68B, 0x9E3779B9
 
-torch.library.define(
-    "upi_fast::sketch_update",
-    "(Tensor(a!) W, Tensor A, int row_offset, int seed, bool normalize) -> ()",
-)
+# The schema and the implementations (torch reference, Triton, CUDA) are in upi_fast/ops/table.py.
 
 
 @torch.library.register_fake("upi_fast::sketch_update")
@@ -79,9 +74,6 @@ def sketch_update_reference(W: torch.Tensor, A: torch.Tensor, row_offset: int, s
         A = torch.where(n > 0, A / n.clamp_min(1e-30), torch.zeros_like(A))
     rows = torch.arange(row_offset, row_offset + A.shape[0], device=A.device)
     W.add_(rademacher_columns(seed, rows, W.shape[0], W.dtype) @ A)
-
-
-register("sketch_update", sketch_update_reference, "upi_fast.kernels.sketch_update:sketch_update_triton")
 
 
 def sketch_update(W: torch.Tensor, A: torch.Tensor, row_offset: int, seed: int, normalize: bool = True) -> None:

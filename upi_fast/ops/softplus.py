@@ -17,17 +17,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import register
-
 __all__ = ["softplus", "SoftplusSurrogate", "softplus_reference", "softplus_backward_reference",
            "softplus_double_backward_reference"]
 
 _THRESHOLD = 20.0
 
-torch.library.define("upi_fast::softplus", "(Tensor x, float beta) -> Tensor")
-torch.library.define("upi_fast::softplus_backward", "(Tensor grad_y, Tensor x, float beta) -> Tensor")
-torch.library.define("upi_fast::softplus_double_backward",
-                     "(Tensor gg, Tensor grad_y, Tensor x, float beta) -> (Tensor, Tensor)")
+# The schemas and the implementations (torch reference, Triton, CUDA) are in upi_fast/ops/table.py.
 
 
 @torch.library.register_fake("upi_fast::softplus")
@@ -60,12 +55,6 @@ def softplus_double_backward_reference(gg: torch.Tensor, grad_y: torch.Tensor, x
     """``(gg * s, gg * grad_y * beta * s * (1 - s))`` with ``s = sigmoid(beta x)``."""
     s = torch.sigmoid(beta * x)
     return gg * s, gg * grad_y * (beta * s * (1.0 - s))
-
-
-register("softplus", softplus_reference, "upi_fast.kernels.softplus:softplus_fwd_triton")
-register("softplus_backward", softplus_backward_reference, "upi_fast.kernels.softplus:softplus_bwd_triton")
-register("softplus_double_backward", softplus_double_backward_reference,
-         "upi_fast.kernels.softplus:softplus_bwd2_triton")
 
 
 def _fwd_setup(ctx, inputs, output):
