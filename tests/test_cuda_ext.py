@@ -1,8 +1,9 @@
 """The C++/CUDA extension ``upi_fast._C`` on a machine without a GPU.
 
 * Registration and dispatch (needs the built extension: ``.ci/build_ext.sh``): build information,
-  a C++ kernel registered for the ``CUDA`` key of every op, and the backend switch moving the
-  ``CUDA`` key between the C++ kernels and the Python router, checked with ``_dispatch_dump``.
+  the extension's kernels registered as ``upi_fast_cuda::<op>`` for ``CUDA`` and nothing for
+  ``upi_fast::<op>``, and backend switches that leave every registration as it was (one per key,
+  checked with ``_dispatch_dump``) while the one dispatcher picks the selected implementation.
   Skipped when the extension is not built, unless ``UPI_FAST_REQUIRE_EXT=1`` (CI), which fails.
 * (The kernels and their host code without a GPU, under the emulator of ``csrc/emulate/``, are
   tested in ``tests/test_cuda_host_emulated.py``.)
@@ -48,17 +49,20 @@ def ext():
     return mod
 
 
-def _active_cuda_kernel(op: str) -> str:
-    """Where the kernel that serves the CUDA key of ``upi_fast::op`` was registered."""
-    for line in torch._C._dispatch_dump(f"upi_fast::{op}").splitlines():
-        if line.startswith("CUDA:"):
-            return line
-    return ""
+def _registrations(qualname: str) -> dict[str, list[str]]:
+    """Dispatch key -> the registrations for it (active first, then the inactive ones)."""
+    regs: dict[str, list[str]] = {}
+    for line in torch._C._dispatch_dump(qualname).splitlines():
+        m = re.match(r"(\w+)(\[alias\])?( \(inactive\))?: (registered at .*)", line)
+        if m:
+            regs.setdefault(m.group(1), []).append(m.group(4))
+    return regs
 
 
-def _cpp_registered(op: str) -> bool:
-    return any(line.startswith("CUDA") and "csrc/register.cpp" in line
-               for line in torch._C._dispatch_dump(f"upi_fast::{op}").splitlines())
+def _one_per_key(qualname: str) -> dict[str, str]:
+    regs = _registrations(qualname)
+    assert all(len(v) == 1 for v in regs.values()), torch._C._dispatch_dump(qualname)
+    return {k: v[0] for k, v in regs.items()}
 
 
 def test_build_info(ext):
@@ -73,42 +77,51 @@ def test_build_info(ext):
     assert info["build_system"] in ("setuptools", "cmake") and info["host_compiler"]
 
 
-def test_every_op_has_a_cpp_cuda_kernel_and_the_router_goes_on_top(ext):
-    assert ops._state["ext"] is ext
+def test_the_extension_registers_its_own_ops_only(ext):
+    """``upi_fast._C`` registers ``upi_fast_cuda::<op>`` for ``CUDA`` (one kernel, register.cpp) and
+    nothing for ``upi_fast::<op>``, whose ``CPU`` and ``CUDA`` keys hold the one Python dispatcher."""
+    assert ops._state["ext"] is ext and ext.ops_namespace == "upi_fast_cuda"
     for op in OPS:
-        assert _cpp_registered(op), torch._C._dispatch_dump(f"upi_fast::{op}")
-    if torch.cuda.is_available() and ops.resolve_backend("cuda") == "cuda":
-        pytest.skip("the cuda backend is in force: no router to remove")
-    assert ops._state["cuda_lib"] is not None
-    assert all("upi_fast/ops/__init__.py" in _active_cuda_kernel(op) for op in OPS)
-    try:
-        ops._state["cuda_lib"]._destroy()
-        ops._state["cuda_lib"] = None
-        for op in OPS:  # without the Python router, the C++ kernels serve CUDA
-            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"upi_fast::{op}", "CUDA")
-            assert "csrc/register.cpp" in _active_cuda_kernel(op)
-    finally:
-        ops._sync_cuda_registration()
-    assert all("upi_fast/ops/__init__.py" in _active_cuda_kernel(op) for op in OPS)
+        cuda_regs = _one_per_key(f"upi_fast_cuda::{op}")
+        assert list(cuda_regs) == ["CUDA"] and "csrc/register.cpp" in cuda_regs["CUDA"], cuda_regs
+        regs = _one_per_key(f"upi_fast::{op}")
+        assert {"CPU", "CUDA", "Meta", "CompositeExplicitAutograd"} <= set(regs), regs
+        assert all("csrc/register.cpp" not in where for where in regs.values()), regs
+        assert "upi_fast/ops/__init__.py" in regs["CPU"] and "upi_fast/ops/__init__.py" in regs["CUDA"]
 
 
-def test_backend_switch_moves_the_cuda_key(ext, monkeypatch):
-    """With a (simulated) GPU: cuda/auto -> C++ kernels; torch/triton -> the Python router."""
-    if torch.cuda.is_available():
-        pytest.skip("runs with a simulated GPU on machines without one")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+def test_switching_backends_never_adds_removes_or_shadows_a_registration(ext, monkeypatch):
+    """With a (simulated) GPU, back and forth over every backend: the dispatcher's tables of the
+    ``upi_fast::`` and ``upi_fast_cuda::`` ops stay exactly as they were (one registration per key),
+    and only the implementation the one dispatcher picks for each device changes."""
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert upi_fast.backends()["cuda"] is True
+    names = [f"{ns}::{op}" for ns in ("upi_fast", "upi_fast_cuda") for op in OPS]
+    before = {n: torch._C._dispatch_dump(n) for n in names}
+    for n in names:
+        _one_per_key(n)
+    triton_fns = {op: ops.table.load(ops.table.by_name(op).triton) for op in OPS}
+    reference = {op: ops.table.load(ops.table.by_name(op).torch) for op in OPS}
     try:
-        assert upi_fast.backends()["cuda"] is True
-        for name, where in (("cuda", "csrc/register.cpp"), ("torch", "upi_fast/ops/__init__.py"),
-                            ("auto", "csrc/register.cpp"), ("triton", "upi_fast/ops/__init__.py"),
-                            ("cuda", "csrc/register.cpp")):
+        for name in ("cuda", "torch", "auto", "triton", "cuda", "auto", "torch", "triton", "cuda"):
             upi_fast.set_backend(name)
-            assert all(where in _active_cuda_kernel(op) for op in OPS), (name, _active_cuda_kernel("softplus"))
+            assert {n: torch._C._dispatch_dump(n) for n in names} == before, name
+            for op in OPS:
+                on_cuda = ops.implementation(op, torch.device("cuda"))
+                on_cpu = ops.implementation(op, "cpu")
+                if name in ("cuda", "auto"):
+                    assert on_cuda is getattr(torch.ops.upi_fast_cuda, op).default, (name, op, on_cuda)
+                elif name == "triton":
+                    assert on_cuda is triton_fns[op]
+                else:
+                    assert on_cuda is reference[op]
+                # CPU tensors: the reference, or Triton under the interpreter
+                assert on_cpu is (triton_fns[op] if name == "triton" and ops._interpreter_on() else reference[op])
     finally:
         monkeypatch.undo()
-        ops._state["backend"] = "auto"
-        ops._sync_cuda_registration()
-    assert all("upi_fast/ops/__init__.py" in _active_cuda_kernel(op) for op in OPS)
+        upi_fast.set_backend("auto")
+    assert {n: torch._C._dispatch_dump(n) for n in names} == before
 
 
 def test_backends_is_honest_about_a_stale_extension(ext, monkeypatch):
@@ -122,25 +135,33 @@ def test_backends_is_honest_about_a_stale_extension(ext, monkeypatch):
 
 def test_forced_but_unusable_cuda_backend_raises_when_called(monkeypatch):
     monkeypatch.setitem(ops._state, "backend", "cuda")  # e.g. UPI_FAST_BACKEND=cuda without the extension
-    with pytest.raises(RuntimeError, match="'cuda' is unavailable"):
-        ops.implementation("softplus", torch.device("cuda"))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="'cuda' is unavailable"):
+            ops.implementation("softplus", torch.device("cuda"))
+    # CPU tensors are served by the torch reference (the cuda backend serves CUDA tensors only)
+    x = torch.randn(6, dtype=torch.float64)
+    assert torch.equal(torch.ops.upi_fast.softplus(x, 2.0), torch.nn.functional.softplus(x, 2.0, 20.0))
 
 
-def test_extension_loaded_after_the_router_does_not_shadow_it(ext):
-    """End to end in a fresh process: the router is registered first (the extension hidden), then the
-    extension is imported (its C++ kernels would become the active CUDA kernels); upi_fast must
-    put the router back on top. Also: importing upi_fast loads _C but does not initialise CUDA."""
+def test_loading_the_extension_late_changes_no_registration(ext):
+    """End to end in a fresh process: upi_fast imported with the extension hidden, then the extension
+    loaded: the tables of the ``upi_fast::`` ops do not change (its kernels are ``upi_fast_cuda::``
+    ops), and the cuda backend's implementation becomes available. Also: importing upi_fast loads
+    _C but does not initialise CUDA."""
     code = textwrap.dedent("""
         import sys, torch
         sys.modules["upi_fast._C"] = None           # hide the extension during the first import
         import upi_fast, upi_fast.ops as ops
-        assert ops._state["ext"] is None and ops._state["cuda_lib"] is not None
+        assert ops._state["ext"] is None and "upi_fast._C" in ops._state["ext_error"]
+        names = ["upi_fast::" + op for op in ops._REGISTRY]
+        before = {n: torch._C._dispatch_dump(n) for n in names}
+        assert all("register.cpp" not in d for d in before.values())
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key("upi_fast_cuda::softplus", "CUDA")
         del sys.modules["upi_fast._C"]
         ops._state.pop("ext")
         assert ops._cuda_ext() is not None          # registers the C++ kernels now
-        for op in ops._REGISTRY:
-            active = [l for l in torch._C._dispatch_dump("upi_fast::" + op).splitlines() if l.startswith("CUDA:")]
-            assert "upi_fast/ops/__init__.py" in active[0], active
+        assert {n: torch._C._dispatch_dump(n) for n in names} == before
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("upi_fast_cuda::softplus", "CUDA")
         out = __import__("subprocess").run([sys.executable, "-c",
             "import sys, torch, upi_fast; assert 'upi_fast._C' in sys.modules; "
             "assert not torch.cuda.is_initialized(); print('clean')"], capture_output=True, text=True)
