@@ -1,6 +1,6 @@
 """The README's demo results, reproduced: ``upi-fast demo`` over several method seeds, mean +- std.
 
-    python -m bench.demo_table [--seeds 0 1 2 3] [--out docs/demo_table.md] [--readme README.md]
+    python -m bench.demo_table [--seeds 0 1 2 3 4 5 6 7] [--out docs/demo_table.md] [--readme README.md]
 
 Runs :func:`upi_fast.demo.run_demo` once per seed, the data split and the digits CNN always the
 demo's (``data_seed=0``, what ``upi-fast demo`` uses), the seed of every method varied (the random
@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 
+import upi_fast  # noqa: F401  (before torch: OMP_WAIT_POLICY=PASSIVE, see upi_fast/__init__.py)
 import torch
 
 HEADING = "## Results on the embedded default"
@@ -134,7 +135,9 @@ def render(result: dict) -> str:
         f"{'/'.join(map(str, sorted(n_used)))} of the {'/'.join(map(str, sorted(n_total)))} evaluation images "
         "the CNN classifies correctly (the others have no interpretation to attack). Every cell: mean ± sample "
         f"standard deviation over {n_seeds} method seeds ({', '.join(map(str, seeds))}: the seed of every method; "
-        "the data split and the CNN are the demo's, seed 0), plus the min–max range of the dissimilarity. "
+        "the data split and the CNN are the demo's, seed 0; the CNN trained afresh into an empty cache, with "
+        "this thread count: its float rounding, and so every figure, depends on it), plus the min–max range of "
+        "the dissimilarity. "
         f"Measured by `python -m bench.demo_table` on {cpu_model()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, Python {platform.python_version()}, "
         f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d')} (1-minute load average at the end "
@@ -164,6 +167,8 @@ def render(result: dict) -> str:
     low = min(min(v) for v in times.values())
     spread = {m: max(_col(runs, m, "dissimilarity")) - min(_col(runs, m, "dissimilarity"))
               for m in ("UPI-Grad", "UPI-Grad, init=random", "UPI-PCA")}
+    pca_d = _col(runs, "UPI-PCA", "dissimilarity")
+    worse = sum(v < p - 0.005 for v, p in zip(_col(runs, "UPI-Grad, init=random", "dissimilarity"), pca_d))
     robust = (spread["UPI-Grad"] <= 0.01
               and min(_col(runs, "UPI-Grad", "dissimilarity")) >= max(_col(runs, "UPI-PCA", "dissimilarity")) - 0.005)
     lines += [
@@ -175,15 +180,15 @@ def render(result: dict) -> str:
         "",
         f"Seed dependence (max − min of the dissimilarity over the seeds): UPI-Grad {spread['UPI-Grad']:.3f}, "
         f"UPI-PCA {spread['UPI-PCA']:.3f}; the plain random start (`init=\"random\"`) "
-        f"{spread['UPI-Grad, init=random']:.3f}, because from some random starts the ascent settles in a worse "
-        "optimum.",
+        f"{spread['UPI-Grad, init=random']:.3f}: from {worse} of {n_seeds} random starts the ascent settles more "
+        "than 0.005 below UPI-PCA of the same seed.",
         "",
         f"Properties a correct implementation must have, checked by `tests/test_solvers.py`: UPI-Grad and UPI-PCA "
         f"each reach at least 1.8x the dissimilarity of universal random noise of the same norm (lowest ratio "
         f"over these seeds: {low:.2f}x, {'holds' if low >= 1.8 else 'DOES NOT HOLD'}), PCA+ has a lower fooling "
         f"rate than plain UPI-PCA ({fool} of {n_seeds} seeds), and the default UPI-Grad's dissimilarity varies "
-        "by at most 0.01 over the seeds and stays within 0.005 of UPI-PCA's on every seed "
-        f"({'holds' if robust else 'DOES NOT HOLD'}).",
+        "by at most 0.01 over seeds 0-3 and stays within 0.005 of UPI-PCA's (here, over all "
+        f"{n_seeds} seeds: {'holds' if robust else 'DOES NOT HOLD'}).",
         "",
         f"Wall time of one whole `upi-fast demo` (without the extra random-start row): {walls[0]:.1f} s from an "
         f"empty cache (training the CNN included), {_ms(walls[1:], 1) if len(walls) > 1 else 'n/a'} s with the "
@@ -212,7 +217,8 @@ def replace_section(text: str, body: str) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="method seeds (default 0 1 2 3)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(range(8)),
+                    help="method seeds (default 0 to 7: with 4, a lucky draw can hide the random start's failures)")
     ap.add_argument("--epochs", type=int, default=20, help="UPI-Grad epochs (default 20, the demo's)")
     ap.add_argument("--out", default="docs/demo_table.md", help="markdown output (default docs/demo_table.md)")
     ap.add_argument("--readme", default=None, help=f"also replace the body of this file's {HEADING!r} section")

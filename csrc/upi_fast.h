@@ -3,8 +3,9 @@
 // Three parts:
 //   1. host/device helpers shared by the kernels (the counter-based Rademacher generator, the
 //      saliency-dissimilarity kinds, block reductions, vector loads, the launch macro);
-//   2. the tensor-level entry points registered for the CUDA dispatch key of the upi_fast:: ops
-//      (declared here, defined in one .cu per op family, registered in register.cpp);
+//   2. the tensor-level entry points, registered as the ops upi_fast_cuda::<op> for the CUDA dispatch
+//      key (declared here, defined in one .cu per op family, registered in register.cpp; the table of
+//      the ops is upi_fast/ops/table.py);
 //   3. build information compiled into the CUDA translation units.
 //
 // With UPI_FAST_EMULATE defined (tests only: csrc/emulate/) the same sources compile as plain C++

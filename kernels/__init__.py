@@ -1,5 +1,6 @@
 """Triton kernels of the custom ops, installed as ``upi_fast.kernels``: one module per op (kernels and
-their launcher), loaded lazily by the dispatch layer (:mod:`upi_fast.ops`) on first use.
+their launcher), named in the op table (``upi_fast/ops/table.py``) and loaded lazily by the dispatch
+layer (:mod:`upi_fast.ops`) on first use.
 
 * :mod:`.saliency_dissim` -- ``saliency_dissim_triton``: fused ``abs_sum_l1`` + dissimilarity + gradient;
 * :mod:`.softplus` -- ``softplus_fwd_triton``, ``softplus_bwd_triton``, ``softplus_bwd2_triton``;

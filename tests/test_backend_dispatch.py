@@ -72,6 +72,60 @@ def test_resolution_per_device_and_quiet_fallback(monkeypatch, caplog):
     assert any("'cuda' unavailable" in m for m in messages) and any("'triton' unavailable" in m for m in messages)
 
 
+def _op_inputs(op: str, gen: torch.Generator):
+    r = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    if op == "softplus":
+        return (r(7, 5) * 0.4, 3.0)
+    if op == "softplus_backward":
+        return (r(7, 5), r(7, 5) * 0.4, 3.0)
+    if op == "softplus_double_backward":
+        return (r(7, 5), r(7, 5), r(7, 5) * 0.4, 3.0)
+    if op == "saliency_dissim":
+        ref = torch.rand(3, 30, generator=gen, dtype=torch.float64)
+        return (r(3, 2, 5, 6), ref / ref.sum(1, keepdim=True), "rel_l2", True)
+    return (torch.zeros(6, 23, dtype=torch.float64), r(9, 23), 5, 11, True)  # sketch_update
+
+
+def _run_op(op: str, args):
+    args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    out = getattr(torch.ops.upi_fast, op)(*args)
+    return args[0] if op == "sketch_update" else out  # sketch_update: W, updated in place
+
+
+def test_switching_backends_on_cpu_changes_the_implementation_not_the_registrations():
+    """Back and forth between torch / triton / auto: every op on CPU tensors equals its reference
+    (exactly on torch and auto, which call it; to float64 rounding on the Triton kernels under the
+    interpreter), and the dispatcher's table of every ``upi_fast::`` op stays as it was: one
+    registration per key (the dispatcher for CPU and CUDA, the reference as the default kernel)."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = {op: _op_inputs(op, gen) for op in TRITON_OPS}
+    want = {}
+    for op in TRITON_OPS:
+        args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in inputs[op])
+        out = ops.table.load(ops.table.by_name(op).torch)(*args)
+        want[op] = args[0] if op == "sketch_update" else out
+    dumps = {op: torch._C._dispatch_dump(f"upi_fast::{op}") for op in TRITON_OPS}
+    for op, dump in dumps.items():
+        keys = [line.split(":")[0] for line in dump.splitlines() if ": registered at" in line
+                and not line.startswith("debug")]
+        assert "CUDA (inactive)" not in keys and "CPU (inactive)" not in keys, dump
+        assert len(keys) == len(set(keys)) and {"CPU", "CUDA", "CompositeExplicitAutograd[alias]"} <= set(keys), dump
+    try:
+        for name in ("torch", "triton", "auto", "triton", "torch", "triton", "auto"):
+            upi_fast.set_backend(name)
+            for op in TRITON_OPS:
+                got = _run_op(op, inputs[op])
+                pairs = zip(got, want[op]) if isinstance(got, tuple) else [(got, want[op])]
+                for g, w in pairs:
+                    if name == "triton":
+                        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-13 * w.abs().max().item())
+                    else:
+                        assert torch.equal(g, w), (name, op)
+                assert torch._C._dispatch_dump(f"upi_fast::{op}") == dumps[op], (name, op)
+    finally:
+        upi_fast.set_backend("auto")
+
+
 def test_importing_upi_fast_does_not_import_triton():
     code = "import sys, upi_fast; assert 'triton' not in sys.modules, 'triton imported'; print('ok')"
     env = {k: v for k, v in os.environ.items() if k != "UPI_FAST_BACKEND"}

@@ -54,7 +54,7 @@ def _registrations(qualname: str) -> dict[str, list[str]]:
     regs: dict[str, list[str]] = {}
     for line in torch._C._dispatch_dump(qualname).splitlines():
         m = re.match(r"(\w+)(\[alias\])?( \(inactive\))?: (registered at .*)", line)
-        if m:
+        if m and m.group(1) != "debug":  # "debug:" names where the schema was defined
             regs.setdefault(m.group(1), []).append(m.group(4))
     return regs
 

@@ -95,11 +95,19 @@ def test_cuda_backend_serves_cuda_tensors_through_the_cpp_kernels():
     upi_fast.set_backend("auto")
     assert ops.resolve_backend(DEV) == "cuda"
     for op in ops._REGISTRY:
-        active = [l for l in torch._C._dispatch_dump(f"upi_fast::{op}").splitlines() if l.startswith("CUDA:")]
-        assert "csrc/register.cpp" in active[0], active
+        # upi_fast::<op>: the one Python dispatcher for CUDA; upi_fast_cuda::<op>: the C++ kernel
+        active = [l for l in torch._C._dispatch_dump(f"upi_fast::{op}").splitlines() if l.startswith("CUDA")]
+        assert len(active) == 1 and "upi_fast/ops/__init__.py" in active[0], active
+        cpp = [l for l in torch._C._dispatch_dump(f"upi_fast_cuda::{op}").splitlines() if l.startswith("CUDA")]
+        assert len(cpp) == 1 and "csrc/register.cpp" in cpp[0], cpp
+        assert ops.implementation(op, DEV) is getattr(torch.ops.upi_fast_cuda, op).default
+    x = torch.randn(1037, device=DEV)
+    y = torch.ops.upi_fast.softplus(x, 3.0)  # through the dispatcher: the C++ kernel's result, bit for bit
+    assert torch.equal(y, torch.ops.upi_fast_cuda.softplus(x, 3.0))
     upi_fast.set_backend("torch")
-    active = [l for l in torch._C._dispatch_dump("upi_fast::softplus").splitlines() if l.startswith("CUDA:")]
-    assert "upi_fast/ops/__init__.py" in active[0]
+    assert ops.implementation("softplus", DEV) is ops.table.load(ops.table.by_name("softplus").torch)
+    assert torch.equal(torch.ops.upi_fast.softplus(x, 3.0), torch.nn.functional.softplus(x, 3.0, 20.0))
+    upi_fast.set_backend("auto")
 
 
 def test_importing_upi_fast_does_not_initialise_cuda():

@@ -20,7 +20,8 @@ from upi_fast.checkpoint import CheckpointError, load_checkpoint
 from upi_fast.evaluate import evaluate
 from upi_fast.io import load_perturbation, save_perturbation
 from upi_fast.models import load_state_dict_file
-from upi_fast.pipeline import ComputeConfig, compute, evaluate_file, option_of
+from upi_fast.pipeline import ComputeConfig, compute, option_of
+from upi_fast.saved import evaluate_file
 from upi_fast.solvers import UPIGrad, UPIPCA
 
 from hardening_support import make_image_folder, train_mode_model

@@ -357,12 +357,12 @@ def test_cli_integration_option(tmp_path, capsys, monkeypatch):
     from hardening_support import make_image_folder
 
     sub = build_parser()._subparsers._group_actions[0].choices
-    for cmd in ("compute", "evaluate"):
+    # compute: the package default; evaluate / show: the perturbation file's rule unless given
+    for cmd, default in (("compute", DEFAULT_INTEGRATION), ("evaluate", None), ("show", None)):
         opt = next(a for a in sub[cmd]._actions if "--integration" in a.option_strings)
-        assert tuple(opt.choices) == INTEGRATION_RULES and opt.default == DEFAULT_INTEGRATION
-        assert "%(default)s" in opt.help
-    help_text = sub["compute"].format_help()
-    assert "default uniform_endpoints" in " ".join(help_text.split())
+        assert tuple(opt.choices) == INTEGRATION_RULES and opt.default == default
+    assert "(default: uniform_endpoints:" in " ".join(sub["compute"].format_help().split())
+    assert "(default: the perturbation file" in " ".join(sub["evaluate"].format_help().split())
 
     data = make_image_folder(tmp_path / "imgs", per_class=2)
     out = tmp_path / "out"
