@@ -15,7 +15,7 @@ backends are available. Build the extension with ``pip install --no-build-isolat
 import os
 import re
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -52,7 +52,8 @@ setup(
     long_description_content_type="text/markdown",
     # Tested on 3.11; the public API's PEP 604 annotations resolve with typing.get_type_hints from 3.10.
     python_requires=">=3.10",
-    packages=["upi_fast", "upi_fast.ops", "upi_fast.solvers", "upi_fast.linalg",
+    # every package under upi_fast/ (found, so that a new subpackage cannot be left out of the wheel)
+    packages=[*find_packages(include=["upi_fast", "upi_fast.*"]),
               "upi_fast.kernels", "upi_fast.bench", "upi_fast.bench.suites"],
     package_dir={"upi_fast": "upi_fast", "upi_fast.kernels": "kernels", "upi_fast.bench": "bench",
                  "upi_fast.bench.suites": "bench/suites"},
