@@ -4,7 +4,8 @@
 
 Suites (default: all, in this order): ``upi_grad`` (the UPI-Grad step and its fast paths),
 ``hvp`` (every HVP mode), ``upi_pca`` (direction generation through the sketch, exact vs sketch),
-``ops`` (custom ops vs eager), ``svd`` (top singular vector). Each suite module exposes
+``ops`` (custom ops vs eager), ``svd`` (top singular vector), ``data`` (ImageFolder decode vs the uint8
+cache, images per second). Each suite module exposes
 ``run(quick, device) -> dict`` and prints its Markdown tables (every contender on the same inputs in
 one process, after warm-up, median and spread, ratios against the reference of the same run).
 
@@ -29,7 +30,7 @@ import sys
 import time
 import traceback
 
-SUITES = ("upi_grad", "hvp", "upi_pca", "ops", "svd")
+SUITES = ("upi_grad", "hvp", "upi_pca", "ops", "svd", "data")
 
 __all__ = ["main", "SUITES", "summary_rows", "plot_chart"]
 
@@ -83,6 +84,10 @@ def summary_rows(suite: str, result: dict) -> list[dict]:
                         "median_s": _f(r.get("median_s")), "iqr_s": None, "items_per_s": _f(r.get("rows_per_s")),
                         "vs_reference": _f(1.0 / ratio) if _f(ratio) else None,
                         "reference": "generate + sum (floor)"})
+    elif suite == "data":
+        for r in result.get("rows", []):
+            add(f"{r.get('section')}, {r.get('workers')} workers", r, "speedup_vs_uncached",
+                "uncached reader (decode every epoch), 0 workers")
     elif suite == "ops":
         for r in result.get("rows", []):
             out.append({"suite": suite, "section": r.get("op"), "contender": r.get("name"),

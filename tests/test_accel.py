@@ -318,7 +318,7 @@ def test_upigrad_fast_follows_the_reference_trajectory(fast):
     state = copy.deepcopy(model.state_dict())
     X, y = _solver_data(model)
     kw = dict(eps=0.5, epochs=3, batch_size=8, progress=False, seed=4)
-    ref = U.UPIGrad(model, **kw).fit((X, y))
+    ref = U.UPIGrad(model, fast=False, **kw).fit((X, y))  # the reference code
     fast_run = U.UPIGrad(model, fast=fast, **kw).fit((X, y))
     assert ref.step_ is None and fast_run.step_ is not None
     assert fast_run.step_.hvp_ == "piecewise_linear"  # "double_backward" was upgraded to the exact "auto"
@@ -332,7 +332,7 @@ def test_upigrad_fast_keeps_the_surrogate_and_explicit_modes():
     model = _bn_cnn(torch.float64)
     X, y = _solver_data(model)
     kw = dict(eps=0.5, epochs=1, batch_size=8, progress=False, surrogate="softplus", target_kind="logit")
-    ref = U.UPIGrad(model, **kw).fit((X, y))
+    ref = U.UPIGrad(model, fast=False, **kw).fit((X, y))  # the reference code
     fast_run = U.UPIGrad(model, fast=True, **kw).fit((X, y))
     assert fast_run.step_.hvp_ == "double_backward"  # softplus is not piecewise linear: auto keeps double backward
     assert _rel(fast_run.delta_, ref.delta_) < 1e-5
@@ -376,7 +376,7 @@ def test_upipca_fast_gives_the_reference_perturbation(plus_lambda):
     model = _bn_cnn(torch.float64)
     X, y = _solver_data(model, n=20)
     kw = dict(eps=0.5, batch_size=8, progress=False, solver="exact", plus_lambda=plus_lambda, rounds=2, seed=2)
-    ref = U.UPIPCA(model, **kw).fit((X, y))
+    ref = U.UPIPCA(model, fast=False, **kw).fit((X, y))  # the reference code
     fast_run = U.UPIPCA(model, fast=True, **kw).fit((X, y))
     assert ref.step_ is None and fast_run.step_.hvp_ == "piecewise_linear"
     assert fast_run.sign_ == ref.sign_

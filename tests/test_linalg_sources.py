@@ -23,11 +23,12 @@ def test_tensor_rows_blocks_are_views_covering_all_rows():
     assert isinstance(src, RowSource)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_memmap_spill_and_reread_round_trip(tmp_path, dtype):
+    """Unscaled storage: blocks come back in the stored dtype, equal to the rows cast to it."""
     A = torch.randn(257, 33, dtype=torch.float64)
     path = tmp_path / "rows.bin"
-    with MemmapRowWriter(path, 33, dtype=dtype) as w:
+    with MemmapRowWriter(path, 33, dtype=dtype, scale_rows=False) as w:
         for blk in A.split(50):
             w.append(blk)
         src = w.finish()
@@ -36,9 +37,9 @@ def test_memmap_spill_and_reread_round_trip(tmp_path, dtype):
         offs, parts = zip(*src.blocks(bs))
         assert offs[0] == 0 and all(p.dtype == dtype for p in parts)
         assert torch.equal(torch.cat(parts), A.to(dtype))
-    # re-open by path, numpy dtype spelling
+    # re-open by path, numpy / string dtype spelling
     again = MemmapRows(path, 257, 33, {torch.float32: np.float32, torch.float64: "float64",
-                                       torch.float16: np.float16}[dtype])
+                                       torch.float16: np.float16, torch.bfloat16: "bf16"}[dtype])
     assert torch.equal(torch.cat([b for _, b in again.blocks()]), A.to(dtype))
 
 

@@ -100,19 +100,25 @@ def test_upi_grad_retry_equals_the_unsplit_run(kw, caplog):
     torch.testing.assert_close(torch.tensor(got.history_), torch.tensor(want.history_), rtol=1e-10, atol=1e-12)
 
 
-def test_upi_grad_retry_when_the_step_itself_runs_out(monkeypatch):
-    """The step (the HVP pass) runs out of memory, not the forward pass: monkeypatch the step."""
-    m, X, y = _problem()
-    common = dict(epochs=1, batch_size=10, progress=False, seed=1)
-    want = UPIGrad(m, 0.4, **common).fit((X, y))
-    real = upi_grad_mod._loss_grad
+@pytest.mark.parametrize("fast", [False, True])
+def test_upi_grad_retry_when_the_step_itself_runs_out(monkeypatch, fast):
+    """The step (the HVP pass) runs out of memory, not the forward pass: monkeypatch the step (the
+    reference ``_loss_grad``, or the prepared step of ``fast=True``, the default for an nn.Module)."""
+    from upi_fast.solvers import _fast as fast_mod
 
-    def step(model, x, *args):
+    m, X, y = _problem()
+    common = dict(epochs=1, batch_size=10, progress=False, seed=1, fast=fast, init="random")  # the ascent step alone
+    want = UPIGrad(m, 0.4, **common).fit((X, y))
+    owner, name = (fast_mod.FastSteps, "__call__") if fast else (upi_grad_mod, "_loss_grad")
+    real = getattr(owner, name)
+
+    def step(*args):
+        x = args[2] if fast else args[1]  # (self, x, ...) or (model, x, ...)
         if x.shape[0] > 4:
             raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
-        return real(model, x, *args)
+        return real(*args)
 
-    monkeypatch.setattr(upi_grad_mod, "_loss_grad", step)
+    monkeypatch.setattr(owner, name, step)
     with pytest.raises(BatchOutOfMemoryError, match="computing the attack gradient for a batch of 10 samples"):
         UPIGrad(m, 0.4, **common).fit((X, y))
     got = UPIGrad(m, 0.4, oom_retry=True, **common).fit((X, y))

@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device, help="cpu or cuda[:N] (default: cuda:LOCAL_RANK under torchrun with CUDA, else cpu)")
     p.add_argument("--workers", type=_non_negative_int, default=0,
                    help="data loader worker processes (0: load in the main process)")
+    p.add_argument("--cache", metavar="DIR",
+                   help="decode the images once into a uint8 cache under DIR (memory-mapped, checksummed, one "
+                        "entry per data files + size + transform) and read later epochs and runs from it "
+                        "(default: off, every epoch decodes)")
     p.add_argument("--seed", type=int, default=0, help="random seed (splits, initialisation, noise)")
     p.add_argument("--out", default="upi_out/compute", help="output folder (upi.safetensors, upi.png, report.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -97,10 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oom-retry", action="store_true",
                    help="when a batch does not fit the device's memory, split it into micro-batches of half the size "
                         "(repeatedly; gradients summed, results unchanged) instead of stopping")
-    p.add_argument("--fast", choices=("off", "on", "autotune"), default="off",
+    p.add_argument("--fast", choices=("off", "on", "autotune"), default="on",
                    help="attack steps / directions through the prepared step of upi_fast.accel (BatchNorm folded, "
-                        "exact piecewise-linear HVP where it applies; autotune: also the fastest layout, timed on the "
-                        "first batch)")
+                        "exact piecewise-linear HVP where it proves it applies, double backward otherwise: the same "
+                        "gradient to float32 rounding; off: the reference code; autotune: also the fastest layout, "
+                        "timed on the first batch)")
 
     p = sub.add_parser("evaluate", help="evaluate a saved perturbation (e.g. transfer to another model)")
     p.add_argument("perturbation", type=_existing_path("perturbation"),

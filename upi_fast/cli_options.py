@@ -237,7 +237,7 @@ def _add_sweep_transfer(sub) -> None:
     p.add_argument("--per-image-steps", type=_positive_int("--per-image-steps"), default=20,
                    help="PGD steps of the per-image attack (default 20)")
 
-    p = _derived_parser(sub, "transfer", "compute", _NOT_SWEPT + ("model", "weights"), out="upi_out/transfer",
+    p = _derived_parser(sub, "transfer", "compute", _NOT_SWEPT + ("model", "weights", "cache"), out="upi_out/transfer",
                         help="each model's UPI evaluated on every model: transfer.json, transfer.png")
     p.add_argument("--models", required=True, action="extend", type=_model_list,
                    help="comma list of SPEC=WEIGHTS (or SPEC alone), e.g. torchvision:resnet18=r18.safetensors,"

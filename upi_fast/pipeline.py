@@ -87,9 +87,10 @@ def _blame(default: str | None, rules: tuple = _GENERAL_RULES, data: str | None 
         raise
 
 
-def _open(data: str, size, log=None, why: str | None = None) -> "torch.utils.data.Dataset":
+def _open(data: str, size, log=None, why: str | None = None, cache=None) -> "torch.utils.data.Dataset":
     """The dataset at ``data`` (images ``size`` x ``size``); with ``log``, one line when the images
-    are resized (from what to what, and ``why``: where ``size`` came from)."""
+    are resized (from what to what, and ``why``: where ``size`` came from); with ``cache`` (a folder),
+    read through a :class:`~upi_fast.data.CachedImageDataset` there."""
     with _blame("--data", ()):
         dataset = open_dataset(data, size=size)
         if len(dataset) == 0:
@@ -101,6 +102,10 @@ def _open(data: str, size, log=None, why: str | None = None) -> "torch.utils.dat
                                                       f"changes it"))
             if note:
                 log(note)
+        if cache is not None:
+            with _blame("--cache", ()):
+                from .data.cache import CachedImageDataset
+                dataset = CachedImageDataset(dataset, cache)
         return dataset
 
 
@@ -205,13 +210,14 @@ class ComputeConfig:
     device: str | None = None
     seed: int = 0
     workers: int = 0
+    cache: str | None = None
     progress: bool = True
     checkpoint_dir: str | None = None
     checkpoint_every: int | None = None
     resume: bool = False
     precision: str = "fp32"
     oom_retry: bool = False
-    fast: str = "off"
+    fast: str = "on"
     integration: str = "uniform_endpoints"
     steps: int = 10
     smoothgrad_std: float = 0.15
@@ -232,7 +238,7 @@ def _saliency_kwargs(s) -> dict:
 
 
 def _load(cfg, log=None) -> tuple:
-    dataset = _open(cfg.data, cfg.size, log)
+    dataset = _open(cfg.data, cfg.size, log, cache=cfg.cache)
     model = _model(cfg.model, cfg.weights, cfg.num_classes, cfg.mean, cfg.std, dataset, cfg.data)
     dev = _device(cfg.device)
     return dataset, model.to(dev).eval(), dev

@@ -8,6 +8,8 @@ Nothing here downloads anything.
   disk that read one image (ImageFolder) or one CIFAR-10 batch file (CIFAR) at a time.
 * :func:`split_indices`, :func:`make_loader`: deterministic disjoint attack / eval subsets and
   their loaders; :func:`as_batches`: one iterator over ``(x, y)`` batches for tensors or loaders.
+* :class:`CachedImageDataset`, :func:`open_cached_dataset`: decode once into a memory-mapped,
+  checksummed uint8 cache, then read it (items bit-identical to the reader's) (:mod:`.cache`).
 * :func:`epoch_order`, :func:`global_batches`, :class:`ShareSampler`, :func:`share_loader`: the
   data-parallel, resumable reading order: each epoch's order is a pure function of
   ``(seed, epoch)``, cut into global batches; each process loads only its contiguous share of
@@ -23,6 +25,7 @@ dataset says about itself), :mod:`.splits` (splits, loaders, :func:`as_batches`)
 """
 from __future__ import annotations
 
+from .cache import CachedImageDataset, CacheRebuiltWarning, cache_key, open_cached_dataset
 from .detection import dataset_num_classes, open_dataset, resize_note, stored_image_sizes
 from .readers import (DEFAULT_IMAGE_FOLDER_SIZE, CIFAR10Batches, DigitsSplits, TensorSplit, _check_mean_std,  # noqa: F401
                       _digits_raw, cifar10, digits, image_folder)
@@ -34,4 +37,5 @@ __all__ = ["TensorSplit", "DigitsSplits", "digits", "image_folder", "cifar10", "
            "open_dataset", "split_indices", "make_loader", "as_batches", "RestrictedUnpickler", "UnsafePickleError",
            "safe_pickle_load",
            "derive_seed", "epoch_order", "global_batches", "ShareSampler", "share_loader",
-           "DEFAULT_IMAGE_FOLDER_SIZE", "dataset_num_classes", "stored_image_sizes", "resize_note"]
+           "DEFAULT_IMAGE_FOLDER_SIZE", "dataset_num_classes", "stored_image_sizes", "resize_note",
+           "CachedImageDataset", "CacheRebuiltWarning", "cache_key", "open_cached_dataset"]

@@ -1,7 +1,8 @@
 """Linear algebra for UPI-PCA: top singular vectors of huge row streams, and PCA+.
 
-* :mod:`.sources` -- re-readable row sources (tensor, memmap file, regenerating callable) and a
-  memmap writer to spill a one-shot stream for multi-pass methods;
+* :mod:`.sources` -- re-readable row sources (tensor, regenerating callable);
+* :mod:`.spill` -- a one-shot stream spilled to a checksummed file (float32, or float16 / bfloat16:
+  half the disk) and re-read through a memmap, for multi-pass methods;
 * :mod:`.sketch` -- :class:`StreamingSketch`, single pass, mergeable by summation, O(d k) memory;
 * :mod:`.frequent_directions` -- :class:`FrequentDirections` (deterministic, mergeable);
 * :mod:`.krylov` -- :func:`randomized_svd`, multi-pass subspace / block Krylov with a-posteriori bounds;
@@ -12,6 +13,8 @@
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Iterable
 
 import torch
@@ -23,11 +26,13 @@ from .frequent_directions import FrequentDirections
 from .krylov import SVDResult, randomized_svd
 from .planted import PlantedRows
 from .sketch import SketchError, StreamingSketch
-from .sources import (CallableRows, MemmapRows, MemmapRowWriter, RowSource, TensorRows, as_source,
-                      default_block_size)
+from .sources import CallableRows, RowSource, TensorRows, as_source, default_block_size
+from . import spill as _spill
+from .spill import SPILL_DTYPES, MemmapRows, MemmapRowWriter, SpillChecksumError, spill_dtype, spill_rows
 
 __all__ = [
     "RowSource", "TensorRows", "MemmapRows", "MemmapRowWriter", "CallableRows", "as_source", "default_block_size",
+    "SpillChecksumError", "SPILL_DTYPES", "spill_dtype", "spill_rows",
     "StreamingSketch", "SketchError", "FrequentDirections", "randomized_svd", "SVDResult",
     "lanczos_top", "LanczosResult", "pca_plus_eigenvector", "PCAPlusResult", "GramOperator", "authors_ascent",
     "PlantedRows", "top_singular_vectors", "exact_svd", "METHODS",
@@ -101,6 +106,7 @@ def _single_pass(blocks: Iterable, d: int | None, k: int, method: str, kw: dict)
 
 
 def top_singular_vectors(source: object, k: int = 1, method: str = "auto", memory_budget_bytes: int = 2**30,
+                         spill_dir: str | os.PathLike | None = None, spill_dtype: object = None,
                          **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k singular values ``S`` (k,) and right singular vectors ``Vh`` (k, d) of an n x d matrix.
 
@@ -114,6 +120,11 @@ def top_singular_vectors(source: object, k: int = 1, method: str = "auto", memor
             (n <= d: the matrix, its n x n Gram and a 256 MiB work chunk; d < n: the d x d Gram),
             else block Krylov for re-readable sources and the sketch for one-shot iterables.
         memory_budget_bytes: budget for the exact route.
+        spill_dir, spill_dtype: for a one-shot iterable only: giving either spills the blocks to a
+            temporary file in ``spill_dir`` (default: the temp dir), stored as ``spill_dtype``
+            (``"float32"`` default, ``"float16"`` with per-row scales, ``"bfloat16"``: half the
+            disk; see :mod:`.spill`), so that ``"auto"`` (then block Krylov), ``"subspace"`` and
+            ``"block_krylov"`` can read it several times; the file is deleted before returning.
         **kw: passed to the chosen method (e.g. ``oversample``, ``n_iter``, ``seed``, ``block_size``,
             ``ell`` for frequent directions).
     """
@@ -121,6 +132,27 @@ def top_singular_vectors(source: object, k: int = 1, method: str = "auto", memor
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_positive_int(memory_budget_bytes, "memory_budget_bytes")
     reread = isinstance(source, (torch.Tensor,)) or isinstance(source, RowSource) or hasattr(source, "__array__")
+    spill = spill_dir is not None or spill_dtype is not None
+    if spill:
+        sdt = _spill.spill_dtype(spill_dtype if spill_dtype is not None else "float32", "spill_dtype")
+        if reread:
+            raise ValueError("spill_dir / spill_dtype apply to one-shot iterables of blocks; this source can "
+                             "already be re-read (pass it without them)")
+        if method not in ("auto", "subspace", "block_krylov"):
+            raise ValueError(f"spill_dir / spill_dtype spill rows for a multi-pass method; method {method!r} "
+                             "reads once (use 'auto', 'subspace' or 'block_krylov', or drop the spill arguments)")
+        if not isinstance(source, Iterable):
+            raise ValueError(f"source must be an iterable of blocks, got {type(source).__name__}")
+        fd, path = tempfile.mkstemp(prefix="upi_spill_", suffix=".rows", dir=spill_dir)
+        os.close(fd)
+        try:
+            src = spill_rows(source, path, kw.pop("d", None), sdt)
+            r = randomized_svd(src, k=k, method="block_krylov" if method == "auto" else method, **kw)
+            return r.S, r.Vh
+        finally:
+            for p in (path, path + ".partial"):
+                if os.path.exists(p):
+                    os.unlink(p)
     if not reread:
         if method not in ("auto", "sketch", "frequent_directions"):
             raise ValueError(f"method {method!r} needs a re-readable source (tensor or row source); "

@@ -6,14 +6,13 @@ methods (:mod:`upi_fast.linalg.krylov`, :mod:`upi_fast.linalg.eigsh`) read a sou
 the single-pass sketches accept any iterable of blocks.
 
 * :class:`TensorRows`  -- a tensor already in memory (blocks are views, no copies);
-* :class:`MemmapRows`  -- a raw row-major file read through a read-only ``numpy.memmap``;
-* :class:`MemmapRowWriter` -- appends row blocks to such a file (spill rows that arrive once, e.g.
-  gradients, when a multi-pass method is wanted) and ``finish()`` returns the :class:`MemmapRows`;
+* :class:`~upi_fast.linalg.spill.MemmapRows` / :class:`~upi_fast.linalg.spill.MemmapRowWriter`
+  (in :mod:`upi_fast.linalg.spill`) -- rows spilled to a raw, checksummed file (float32, or half
+  precision with per-row scales) for multi-pass methods, read back through a ``numpy.memmap``;
 * :class:`CallableRows` -- rows regenerated on demand by ``fn(start, stop)``.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
@@ -21,31 +20,11 @@ import torch
 
 from ._checks import check_positive_int, check_rows
 
-__all__ = ["RowSource", "TensorRows", "MemmapRows", "MemmapRowWriter", "CallableRows", "as_source",
-           "default_block_size"]
-
-_NP_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
-
+__all__ = ["RowSource", "TensorRows", "CallableRows", "as_source", "default_block_size"]
 
 def default_block_size(d: int, itemsize: int = 4, target_bytes: int = 64 * 2**20) -> int:
     """Rows per block so that one block holds about ``target_bytes`` (at least 1 row)."""
     return max(1, target_bytes // max(1, d * itemsize))
-
-
-def _torch_dtype(dtype: object, name: str = "dtype") -> torch.dtype:
-    """float16/32/64 given as a torch dtype, a numpy dtype or a string."""
-    if isinstance(dtype, torch.dtype):
-        if dtype in _NP_DTYPES:
-            return dtype
-    else:
-        try:
-            npd = np.dtype(dtype)
-        except TypeError:
-            npd = None
-        for td, nd in _NP_DTYPES.items():
-            if npd == np.dtype(nd):
-                return td
-    raise ValueError(f"{name} must be float16, float32 or float64, got {dtype!r}")
 
 
 @runtime_checkable
@@ -97,101 +76,6 @@ class TensorRows:
         bs = n if block_size is None else check_positive_int(block_size, "block_size")
         for start in range(0, n, max(bs, 1)):
             yield start, self.tensor[start:start + bs]
-
-
-class MemmapRows:
-    """Rows of a raw row-major binary file (no header), read through a read-only ``numpy.memmap``.
-
-    Args:
-        path: file of exactly ``n * d * itemsize`` bytes (from ``offset``).
-        n, d: matrix shape.
-        dtype: element type of the file (float16/32/64, torch or numpy spelling).
-        device: where blocks are delivered (default: CPU).
-        offset: byte offset of the first row in the file.
-    """
-
-    def __init__(self, path: str | os.PathLike, n: int, d: int, dtype: object = torch.float32,
-                 device: torch.device | str | None = None, offset: int = 0) -> None:
-        check_positive_int(n, "n", 0)
-        check_positive_int(d, "d")
-        self.path = os.fspath(path)
-        self._dtype = _torch_dtype(dtype)
-        itemsize = np.dtype(_NP_DTYPES[self._dtype]).itemsize
-        if not os.path.exists(self.path):
-            raise ValueError(f"path {self.path!r} does not exist")
-        size = os.path.getsize(self.path) - offset
-        if size != n * d * itemsize:
-            raise ValueError(f"path {self.path!r} holds {size} bytes after offset {offset}, expected "
-                             f"n*d*itemsize = {n}*{d}*{itemsize} = {n * d * itemsize}")
-        self.n, self.d, self.offset = n, d, offset
-        self._device = torch.device(device) if device is not None else torch.device("cpu")
-        self._mm = (np.memmap(self.path, dtype=_NP_DTYPES[self._dtype], mode="r", offset=offset, shape=(n, d))
-                    if n > 0 else None)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(n, d)``: rows and row width."""
-        return (self.n, self.d)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """dtype of the rows as stored."""
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        """device the blocks are returned on."""
-        return self._device
-
-    def blocks(self, block_size: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield ``(row_offset, block)`` pairs covering the rows in order; blocks are (b, d), b <= block_size."""
-        bs = (default_block_size(self.d, torch.finfo(self._dtype).bits // 8) if block_size is None
-              else check_positive_int(block_size, "block_size"))
-        for start in range(0, self.n, bs):
-            chunk = np.array(self._mm[start:start + bs])  # copy out of the read-only map
-            yield start, torch.from_numpy(chunk).to(self._device)
-
-
-class MemmapRowWriter:
-    """Append (b, d) row blocks to a raw file; :meth:`finish` closes it and returns :class:`MemmapRows`.
-
-    Rows are converted to ``dtype`` (float16/32/64) on the way out; rows with NaN/Inf are refused
-    (nothing is written for a refused block). Usable as a context manager.
-    """
-
-    def __init__(self, path: str | os.PathLike, d: int, dtype: object = torch.float32) -> None:
-        check_positive_int(d, "d")
-        self.path = os.fspath(path)
-        self.d = d
-        self.dtype = _torch_dtype(dtype)
-        self.n = 0
-        self._fh = open(self.path, "wb")
-
-    def append(self, rows: torch.Tensor) -> None:
-        """Write a (b, d) block (any float dtype/device) after the rows written so far."""
-        if self._fh is None:
-            raise ValueError("rows: the writer is finished; open a new MemmapRowWriter")
-        rows = check_rows(rows, self.d)
-        if not bool(torch.isfinite(rows).all()):
-            raise ValueError("rows contains NaN or Inf; nothing was written")
-        arr = rows.detach().to("cpu", self.dtype).contiguous().numpy()
-        self._fh.write(arr.tobytes())
-        self.n += arr.shape[0]
-
-    def finish(self, device: torch.device | str | None = None) -> MemmapRows:
-        """Flush and close the file; return a :class:`MemmapRows` over the rows written."""
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-        return MemmapRows(self.path, self.n, self.d, self.dtype, device=device)
-
-    def __enter__(self) -> "MemmapRowWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
 
 
 class CallableRows:

@@ -127,13 +127,14 @@ def resolve_solver(solver: str, d: int, n: int, memory_budget: int, multi_pass_o
 
 
 def make_accumulator(solver: str, d: int, n: int, k: int, seed: int, normalize_rows: bool, device,
-                     memory_budget: int, spill_dir: str | None, sketch_kwargs: dict):
-    """The accumulator for ``solver`` (``"auto"``: see :func:`resolve_solver`)."""
+                     memory_budget: int, spill_dir: str | None, sketch_kwargs: dict, spill_dtype: object = "float32"):
+    """The accumulator for ``solver`` (``"auto"``: see :func:`resolve_solver`); ``spill_dtype`` is
+    the storage dtype of the multi-pass solvers' spill file."""
     solver = resolve_solver(solver, d, n, memory_budget)
     if solver == "exact":
         return ExactRows(d, normalize_rows, device)
     from ._streaming import streaming_accumulator
-    return streaming_accumulator(solver, d, k, seed, normalize_rows, device, spill_dir, sketch_kwargs)
+    return streaming_accumulator(solver, d, k, seed, normalize_rows, device, spill_dir, sketch_kwargs, spill_dtype)
 
 
 def _pca_plus_operator(G: torch.Tensor, V: torch.Tensor, lam: float):

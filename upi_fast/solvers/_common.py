@@ -28,7 +28,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DataLike = Union[tuple[torch.Tensor, torch.Tensor], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 #: The attacked network: None (the real one), ``"softplus"`` (ReLU -> softplus, beta 10) or a beta.
 SurrogateLike = Union[str, float, None]
-#: ``UPIGrad(fast=...)``: False, True, ``"autotune"`` or a dict of :class:`upi_fast.accel.FastStep` options.
+#: ``UPIGrad(fast=...)``: ``"auto"``, False, True, ``"autotune"`` or a dict of :class:`upi_fast.accel.FastStep` options.
 FastLike = Union[bool, str, dict, None]
 
 #: FastStep options the solver sets from its own arguments (``hvp``, ``precision``, ``fd_step``).
@@ -129,11 +129,15 @@ def check_precision(precision: str) -> None:
 
 
 def check_fast(fast, model) -> bool | str | dict:
-    """Validate ``UPIGrad(fast=...)``; returns False, True, ``"autotune"`` or a copy of the dict."""
+    """Validate ``UPIGrad(fast=...)``; returns False, True, ``"autotune"`` or a copy of the dict.
+    ``"auto"`` (the solvers' default) is True for an ``nn.Module`` (the prepared step needs one to
+    copy) and False for a plain callable."""
     if fast is None or fast is False:
         return False
+    if isinstance(fast, str) and fast == "auto":
+        return isinstance(model, nn.Module)
     if fast is not True and fast != "autotune" and not isinstance(fast, dict):
-        raise ValueError(f"fast must be False, True, 'autotune' or a dict of FastStep options, got {fast!r}")
+        raise ValueError(f"fast must be 'auto', False, True, 'autotune' or a dict of FastStep options, got {fast!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"fast={fast!r} needs the model as a torch.nn.Module (it prepares a copy), "
                         f"got {type(model).__name__}")

@@ -8,6 +8,7 @@ import torch
 
 from ..distributed import merge_sketch
 from ..linalg import FrequentDirections, MemmapRowWriter, StreamingSketch, pca_plus_eigenvector, randomized_svd
+from ..linalg import spill_dtype as _spill_dtype
 
 __all__ = ["SketchRows", "FDRows", "SpilledRows", "streaming_accumulator", "streaming_pca_plus"]
 
@@ -95,12 +96,17 @@ class FDRows:
 
 class SpilledRows:
     """Multi-pass: rows spill to a memory-mapped file (``spill_dir`` or the temp dir), then
-    :func:`~upi_fast.linalg.randomized_svd` (subspace iteration or block Krylov) re-reads it."""
+    :func:`~upi_fast.linalg.randomized_svd` (subspace iteration or block Krylov) re-reads it.
+    ``spill_dtype``: float32, or float16 (per-row power-of-two scales) / bfloat16, half the disk
+    (:mod:`upi_fast.linalg.spill`); each row carries a CRC32, checked the first time it is read."""
 
-    def __init__(self, d, k, seed, normalize_rows, device, method, spill_dir=None, **kw) -> None:
-        fd, self.path = tempfile.mkstemp(prefix="upi_rows_", suffix=".f32", dir=spill_dir)
+    def __init__(self, d, k, seed, normalize_rows, device, method, spill_dir=None, spill_dtype="float32",
+                 **kw) -> None:
+        dtype = _spill_dtype(spill_dtype, "spill_dtype")
+        suffix = {torch.float32: ".f32", torch.float16: ".f16", torch.bfloat16: ".bf16", torch.float64: ".f64"}[dtype]
+        fd, self.path = tempfile.mkstemp(prefix="upi_rows_", suffix=suffix, dir=spill_dir)
         os.close(fd)
-        self.writer = MemmapRowWriter(self.path, d)
+        self.writer = MemmapRowWriter(self.path, d, dtype)
         self.normalize_rows, self.method, self.seed, self.kw, self.device = normalize_rows, method, seed, kw, device
         self._source = None
 
@@ -127,10 +133,11 @@ class SpilledRows:
 
     def close(self) -> None:
         """Delete the spill file (idempotent)."""
-        self.writer.__exit__(None, None, None)
+        self.writer.close()
         self._source = None
-        if os.path.exists(self.path):
-            os.unlink(self.path)
+        for path in (self.path, self.writer.partial):
+            if os.path.exists(path):
+                os.unlink(path)
 
     def __del__(self) -> None:
         try:
@@ -140,12 +147,12 @@ class SpilledRows:
 
 
 def streaming_accumulator(solver: str, d: int, k: int, seed: int, normalize_rows: bool, device, spill_dir,
-                          kw: dict):
+                          kw: dict, spill_dtype: object = "float32"):
     if solver == "sketch":
         return SketchRows(d, k, seed, normalize_rows, device, **kw)
     if solver == "frequent_directions":
         return FDRows(d, k, normalize_rows, device, **kw)
-    return SpilledRows(d, k, seed, normalize_rows, device, solver, spill_dir, **kw)
+    return SpilledRows(d, k, seed, normalize_rows, device, solver, spill_dir, spill_dtype, **kw)
 
 
 def streaming_pca_plus(rows, lab, lam: float, seed: int = 0):

@@ -96,12 +96,13 @@ class UPIGrad:
             Without it (default) running out of memory raises
             :class:`~upi_fast.solvers.BatchOutOfMemoryError`, whose message names the batch size to
             lower. See :mod:`upi_fast.solvers._microbatch` for what splitting preserves.
-        fast: the prepared step of :mod:`upi_fast.accel` instead of the reference code. ``False``
-            (default): the reference :func:`upi_fast.saliency_loss_grad` on ``model`` as given.
+        fast: the prepared step of :mod:`upi_fast.accel` instead of the reference code.
+            ``"auto"`` (default): ``True`` for an ``nn.Module``, ``False`` for a plain callable.
+            ``False``: the reference :func:`upi_fast.saliency_loss_grad` on ``model`` as given.
             ``True``: a :class:`~upi_fast.accel.FastStep` (BatchNorm folded, frozen copy of the
             model, lean step; with ``target_kind="prob"``, ``hvp="double_backward"`` becomes
-            ``"auto"``, which picks the exact piecewise-linear HVP on ReLU / max-pool networks and
-            keeps double backward otherwise, so the gradient is the same to float32 rounding).
+            ``"auto"``, which uses the exact piecewise-linear HVP where it proves it applies and
+            double backward otherwise, so the gradient is the same to float32 rounding).
             ``"autotune"``: the fastest of a few equivalent layouts, timed on the first batch
             (:func:`~upi_fast.accel.autotune_step`; a few seconds).
             A dict: :class:`~upi_fast.accel.FastStep` options (e.g. ``{"channels_last": True}``,
@@ -150,7 +151,7 @@ class UPIGrad:
                  seed: int = 0, device: DeviceLike | None = None, progress: bool = True,
                  saliency_kwargs: dict | None = None, fd_step: float = 1e-2, lr_schedule: str = "cosine",
                  checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
-                 precision: str = "fp32", oom_retry: bool = False, fast: FastLike = False,
+                 precision: str = "fp32", oom_retry: bool = False, fast: FastLike = "auto",
                  init: str = "pca") -> None:
         check_model(model)
         check_choice("init", init, INITS)

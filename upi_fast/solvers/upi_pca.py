@@ -26,6 +26,7 @@ from ..checkpoint import generator_state, set_generator_state
 from ..dissimilarity import dissimilarity as dissimilarity_fn
 from ..distributed import current
 from ..hvp import _loss_grad
+from ..linalg import spill_dtype as spill_dtype_check
 from ..saliency import postprocess_maps, raw_gradient
 from ._accumulators import SOLVERS, make_accumulator, pca_plus_direction, resolve_solver
 from ._batches import CleanBatches, batch_noise
@@ -54,6 +55,11 @@ class UPIPCA:
             single-pass sketch where spilling is impossible), ``"exact"``,
             ``"sketch"`` (single pass, mergeable), ``"frequent_directions"``, ``"subspace"`` /
             ``"block_krylov"`` (multi-pass: rows spill to a memory-mapped file in ``spill_dir``).
+        spill_dtype: storage of the spill file of the multi-pass solvers: ``"float32"`` (default,
+            4 d bytes a row), ``"float16"`` (rows stored divided by a per-row power of two, so no
+            overflow or underflow whatever the row norms; rounding <= 2^-11 relative) or
+            ``"bfloat16"`` (<= 2^-8 relative): 2 d bytes a row, half the disk and half the bytes
+            read per pass. Rows are normalised (``normalize_rows``) before they are spilled.
         plus_lambda: PCA+ weight lambda (None: plain UPI-PCA).
         rounds: rounds of direction collection (>= 1).
         batch_size: samples per direction batch.
@@ -74,8 +80,9 @@ class UPIPCA:
         oom_retry: as :class:`UPIGrad`: on running out of device memory, compute the rows of a batch
             in micro-batches of half the size (the rows are per sample, so nothing changes).
         fast: the per-sample directions through the prepared step of :mod:`upi_fast.accel` (as
-            :class:`UPIGrad`'s ``fast``: ``True``, ``"autotune"`` or a dict of FastStep options; the
-            same rows to float32 rounding).
+            :class:`UPIGrad`'s ``fast``: ``"auto"`` (default: on for an ``nn.Module``), ``False`` (the
+            reference code), ``True``, ``"autotune"`` or a dict of FastStep options; the same rows to
+            float32 rounding).
 
     Distributed: ``"sketch"`` and ``"exact"`` give the single-process result to rounding;
     ``"frequent_directions"`` merges the processes' sketches (valid, not bit-equal);
@@ -96,9 +103,9 @@ class UPIPCA:
                  batch_size: int = 128, seed: int = 0, device: DeviceLike | None = None, progress: bool = True,
                  hvp: str = "double_backward", surrogate: SurrogateLike = None, saliency_kwargs: dict | None = None,
                  fd_step: float = 1e-2, n_components: int = 1, memory_budget: int = 2 * 2**30,
-                 spill_dir: str | None = None, sketch_kwargs: dict | None = None,
+                 spill_dir: str | None = None, spill_dtype: str = "float32", sketch_kwargs: dict | None = None,
                  checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
-                 precision: str = "fp32", oom_retry: bool = False, fast: FastLike = False) -> None:
+                 precision: str = "fp32", oom_retry: bool = False, fast: FastLike = "auto") -> None:
         check_model(model)
         self.fast = check_fast(fast, model)
         self._fast = None
@@ -115,6 +122,7 @@ class UPIPCA:
             check_positive("plus_lambda", plus_lambda, allow_zero=True)
         check_checkpoint_args(checkpoint_dir, checkpoint_every)
         check_precision(precision)
+        spill_dtype_check(spill_dtype, "spill_dtype")
         self.checkpoint_dir, self.checkpoint_every, self.precision = checkpoint_dir, checkpoint_every, precision
         self._autocast = contextlib.nullcontext
         self.spec = make_spec(saliency, target_kind, dissimilarity, saliency_kwargs)
@@ -123,6 +131,7 @@ class UPIPCA:
         self.seed, self.device, self.progress, self.hvp = seed, device, progress, hvp
         self.surrogate, self.fd_step, self.n_components = surrogate, fd_step, n_components
         self.memory_budget, self.spill_dir, self.sketch_kwargs = memory_budget, spill_dir, dict(sketch_kwargs or {})
+        self.spill_dtype = spill_dtype
         self.saliency, self.target_kind, self.dissimilarity = saliency, target_kind, dissimilarity
 
     # -- the pieces -------------------------------------------------------------------------------
@@ -201,9 +210,9 @@ class UPIPCA:
 
     def _accumulators(self, solver: str, d: int, n: int, r: int, device):
         rows = make_accumulator(solver, d, n, self.n_components, self.seed + r, self.normalize_rows, device,
-                                self.memory_budget, self.spill_dir, self.sketch_kwargs)
+                                self.memory_budget, self.spill_dir, self.sketch_kwargs, self.spill_dtype)
         lab = (make_accumulator(solver, d, n, 1, self.seed + 7919 + r, self.normalize_rows, device,
-                                self.memory_budget, self.spill_dir, self.sketch_kwargs)
+                                self.memory_budget, self.spill_dir, self.sketch_kwargs, self.spill_dtype)
                if self.plus_lambda is not None else None)
         return rows, lab
 
