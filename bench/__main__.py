@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: unknown suite {unknown[0]!r}; choose from {', '.join(SUITES)}", file=sys.stderr)
         return 2
     if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be >= 1")
+        print(f"{parser.prog}: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
     quick = args.quick or args.smoke
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the ops suite checks kernels under the interpreter
