@@ -34,6 +34,7 @@ from ._batches import CleanBatches, batch_noise
 from ._common import (DataLike, FastLike, SurrogateLike, autocast_factory, autograd_errors, check_common,
                       check_fast, check_flag, check_hvp, check_precision, default_noise_std, make_spec, resolve_device,
                       spec_fields, surrogate_context)
+from ._early_stop import check_early_stop, epoch_objectives, should_stop
 from ._fast import FastSteps, fast_config
 from ._microbatch import MicroBatcher
 from ._state import RunCheckpoints, check_checkpoint_args
@@ -120,6 +121,11 @@ class UPIGrad:
             default ``lr``, the last iterate returned (the behaviour before ``init`` existed). The
             gradient is the same exact gradient of the objective either way; only the start, the
             default step size and the final choice differ.
+        patience: early stop (None: off, the default): end the run after this many epochs in a row
+            whose attack objective (the mean of the epoch's step losses, ``epoch_history_``, computed
+            from all-reduced values so the same on every process) is not above the best so far by
+            more than ``min_delta``; the final choice of ``init`` applies to the iterate at the stop.
+        min_delta: the least improvement of the epoch objective that counts (>= 0; needs ``patience``).
 
     Distributed (``torch.distributed`` initialised, e.g. under ``torchrun``): each global batch is
     split across the processes; each computes the gradient sum of its correctly classified samples,
@@ -142,6 +148,9 @@ class UPIGrad:
             ``delta_`` (None with ``init="random"``, which measures nothing).
         refined_: whether ``delta_`` is the ascent's last iterate (False: the start scored higher and
             was kept; always True with ``init="random"``).
+        epoch_history_: the attack objective of every epoch (mean of its step losses; what
+            ``patience`` watches). stopped_epoch_: epochs run when early stop ended the run (None:
+            it ran all ``epochs``).
     """
 
     def __init__(self, model: ModelLike, eps: float, norm: NormLike = 2, saliency: str = "simple",
@@ -152,8 +161,9 @@ class UPIGrad:
                  saliency_kwargs: dict | None = None, fd_step: float = 1e-2, lr_schedule: str = "cosine",
                  checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
                  precision: str = "fp32", oom_retry: bool = False, fast: FastLike = "auto",
-                 init: str = "pca") -> None:
+                 init: str = "pca", patience: int | None = None, min_delta: float = 0.0) -> None:
         check_model(model)
+        self.patience, self.min_delta = check_early_stop(patience, min_delta)
         check_choice("init", init, INITS)
         self.init = init
         self.fast = check_fast(fast, model)
@@ -235,6 +245,9 @@ class UPIGrad:
                         if st.history:
                             bar.set_postfix(loss=f"{st.history[-1]:.4f}")
                     st.end_epoch()
+                    if self.patience is not None and should_stop(st.epoch_history(), self.patience,
+                                                                 self.min_delta, comm):
+                        break
             delta, self.start_score_, self.score_, self.refined_ = self._choose(st, stream, autocast)
             delta = comm.broadcast_(delta.clone())
         self.delta_ = delta.detach().float().cpu()
@@ -242,6 +255,8 @@ class UPIGrad:
         self.history_ = list(st.history)
         self.n_samples_ = stream.n_correct if stream.kind == "cached" else st.epoch_correct
         self.n_steps_ = len(st.history)
+        self.epoch_history_ = st.epoch_history()
+        self.stopped_epoch_ = st.epoch if st.epoch < self.epochs else None
         self.micro_batch_ = micro.limit
         self.step_ = None if self._fast is None else self._fast.step
         self.fit_time_ = time.perf_counter() - t0
@@ -335,6 +350,8 @@ class UPIGrad:
                         "batches_per_epoch": stream.batches_per_epoch}}
         if self.init != "random":  # absent for the random start, so that earlier checkpoints still resume
             cfg["init"] = self.init
+        if self.patience is not None:  # likewise absent without early stop
+            cfg["early_stop"] = {"patience": self.patience, "min_delta": self.min_delta}
         return cfg
 
     def _train_step(self, st: "_GradState", batch, stream, sigma: float, lr: float, total: int, autocast) -> None:
@@ -412,6 +429,10 @@ class _GradState:
         self.history: list[float] = []
         self.seen = self.correct = 0  # this epoch so far
         self.epoch_correct = 0  # correctly classified samples of the last full epoch
+        self.epoch_ends: list[int] = []  # len(history) at the end of every epoch
+
+    def epoch_history(self) -> list[float]:
+        return epoch_objectives(self.history, self.epoch_ends)
 
     def advance(self, batch) -> None:
         self.batch, self.batch_count = self.batch + 1, self.batch_count + 1
@@ -420,12 +441,13 @@ class _GradState:
     def end_epoch(self) -> None:
         self.epoch, self.batch = self.epoch + 1, 0
         self.epoch_correct, self.seen, self.correct = self.correct, 0, 0
+        self.epoch_ends.append(len(self.history))
 
     def checkpoint(self) -> tuple[dict, dict]:
         tensors = {"delta": self.delta, "gen_state": generator_state(self.gen),
                    "history": torch.tensor(self.history, dtype=torch.float64)}
         meta = {"epoch": self.epoch, "batch": self.batch, "batch_count": self.batch_count, "seen": self.seen,
-                "correct": self.correct, "epoch_correct": self.epoch_correct}
+                "correct": self.correct, "epoch_correct": self.epoch_correct, "epoch_ends": list(self.epoch_ends)}
         if self.adam is not None:
             tensors.update({"adam.m": self.adam.m, "adam.v": self.adam.v})
             meta["adam.t"] = self.adam.t
@@ -445,6 +467,7 @@ class _GradState:
         self.history = tensors["history"].tolist()
         for k in ("epoch", "batch", "batch_count", "seen", "correct", "epoch_correct"):
             setattr(self, k, int(meta[k]))
+        self.epoch_ends = [int(v) for v in meta.get("epoch_ends", [])]  # absent in older checkpoints
         if self.adam is not None:
             self.adam.m = tensors["adam.m"].to(device, self.delta.dtype)
             self.adam.v = tensors["adam.v"].to(device, self.delta.dtype)
