@@ -1,11 +1,15 @@
 """The benchmark entry point: ``python -m bench`` / ``upi-fast bench``.
 
     python -m bench [SUITE ...] [--quick] [--device cpu|cuda] [--threads N] [--out DIR]
+    python -m bench --report [--quick] [SUITE ...]      # regenerate bench/RESULTS.md from one run
 
 Suites (default: all, in this order): ``upi_grad`` (the UPI-Grad step and its fast paths),
 ``hvp`` (every HVP mode), ``upi_pca`` (direction generation through the sketch, exact vs sketch),
 ``ops`` (custom ops vs eager), ``svd`` (top singular vector), ``data`` (ImageFolder decode vs the uint8
-cache, images per second). Each suite module exposes
+cache, images per second), ``fits`` (whole UPI-PCA / UPI-Grad fits with the defaults against the
+naive batched loop of the same math, :mod:`bench.naive`). ``--report`` runs the suites of
+:data:`bench.report.REPORT_SUITES` (or those named) and writes ``bench/RESULTS.md`` (``--report-to``)
+from that one run (:mod:`bench.report`). Each suite module exposes
 ``run(quick, device) -> dict`` and prints its Markdown tables (every contender on the same inputs in
 one process, after warm-up, median and spread, ratios against the reference of the same run).
 
@@ -30,7 +34,7 @@ import sys
 import time
 import traceback
 
-SUITES = ("upi_grad", "hvp", "upi_pca", "ops", "svd", "data")
+SUITES = ("upi_grad", "hvp", "upi_pca", "ops", "svd", "data", "fits")
 
 __all__ = ["main", "SUITES", "summary_rows", "plot_chart"]
 
@@ -88,6 +92,12 @@ def summary_rows(suite: str, result: dict) -> list[dict]:
         for r in result.get("rows", []):
             add(f"{r.get('section')}, {r.get('workers')} workers", r, "speedup_vs_uncached",
                 "uncached reader (decode every epoch), 0 workers")
+    elif suite == "fits":
+        for case, entry in result.get("cases", {}).items():
+            for r in entry.get("rows", []):
+                out.append({"suite": suite, "section": case, "contender": r.get("contender"),
+                            "median_s": _f(r.get("median_s")), "iqr_s": None, "items_per_s": None,
+                            "vs_reference": _f(r.get("speedup_vs_naive")), "reference": result.get("reference")})
     elif suite == "ops":
         for r in result.get("rows", []):
             out.append({"suite": suite, "section": r.get("op"), "contender": r.get("name"),
@@ -151,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", default=None, help="results root (default: bench/results under the current folder)")
+    parser.add_argument("--report", action="store_true",
+                        help="write bench/RESULTS.md from this run (default suites: fits upi_grad hvp upi_pca)")
+    parser.add_argument("--report-to", default=os.path.join("bench", "RESULTS.md"), help="the report's path")
     args = parser.parse_args(argv)
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:  # one line, exit 2, as upi-fast's errors
@@ -170,7 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: no CUDA device is available")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    suites = list(args.suites) or list(SUITES)
+    from .report import REPORT_SUITES, render, write_report
+    from .report import _load as load_average
+
+    load_before = load_average()
+    suites = list(args.suites) or list(REPORT_SUITES if args.report else SUITES)
+    results: dict = {}
     out_dir = results_dir(args.device, args.out, tag=f"{args.threads}t" if args.threads is not None else None)
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     started = _dt.datetime.now().isoformat(timespec="seconds")
@@ -187,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             continue
         timings[name] = time.perf_counter() - ts
+        results[name] = result
         result["command"] = command
         result["wall_s"] = timings[name]
         for fname, text in (result.pop("artifacts", None) or {}).items():
@@ -220,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
                                                        "suite_seconds": timings, "total_s": total,
                                                        "failures": failures, "rows": summary})
     print(f"wrote {path}\ntotal {total:.1f} s")
+    if args.report:
+        write_report(args.report_to, render(results, command=command, total_s=total, out_dir=out_dir,
+                                            failures=failures, load_before=load_before, quick=quick))
+        print(f"wrote {args.report_to}")
     return 1 if failures else 0
 
 

@@ -224,7 +224,8 @@ def test_interrupted_compute_never_leaves_a_half_written_file(files, tmp_path):
     import signal
     import time
 
-    from upi_fast.checkpoint import CheckpointError, load_checkpoint
+    from upi_fast.checkpoint import _NAME as checkpoint_name
+    from upi_fast.checkpoint import load_checkpoint
     from upi_fast.io import load_perturbation
 
     env = {**os.environ, "PYTHONPATH": TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -267,11 +268,12 @@ def test_interrupted_compute_never_leaves_a_half_written_file(files, tmp_path):
                     assert torch.equal(delta, want) and meta["seed"] == 3
                 elif fname.startswith("ckpt-"):
                     load_checkpoint(path)  # verifies its checksum
-                elif fname.endswith(".tmp"):  # left by a writer killed mid-write: never valid
+                elif fname.endswith(".tmp"):  # left by a writer killed before its rename: never read
                     with pytest.raises(ValueError):
                         load_perturbation(path)
-                    with pytest.raises(CheckpointError):
-                        load_checkpoint(path)
+                    # a kill between a temporary checkpoint's last byte and its rename can leave it
+                    # complete; what matters is that resuming never picks a temporary file up
+                    assert not checkpoint_name.match(fname)
     raw = (tmp_path / "ref" / "upi.safetensors").read_bytes()
     for cut in (0, 7, 8, 64, len(raw) // 2, len(raw) - 4, len(raw) - 1):
         (tmp_path / "cut.safetensors").write_bytes(raw[:cut])

@@ -14,6 +14,9 @@ with random weights on the CPU; with ``--device cuda`` also ResNet-50 (3x224x224
 ``--quick`` uses fewer repeats, batch 16 for ResNet-18 (32 for ResNet-50) and skips the CPU peak
 memory (its worker process would double the time).
 
+``in_gradients``, the headline unit: each contender's seconds per image as a multiple of the
+``gradient (floor)`` contender's (one plain input gradient of the same model and batch, same run).
+
 Timing: :func:`bench.harness.measure`, contenders interleaved over rounds (the CPU is shared),
 median and interquartile range over all timed calls; ``speedup`` is images per second relative to
 ``double_backward`` in the same run; the ``best`` columns use each contender's fastest call, the
@@ -55,7 +58,8 @@ __all__ = ["run", "main", "MODES"]
 
 MODES = ("double_backward", "forward", "finite_difference", "finite_difference_onesided", "piecewise_linear")
 _FLOOR, _LOOP = "gradient (floor)", "per-sample loop (double backward)"
-_COLUMNS = ["name", "items", "items_per_s", "median_s", "iqr_s", "speedup_vs_double_backward", "best_items_per_s",
+_COLUMNS = ["name", "items", "items_per_s", "median_s", "iqr_s", "in_gradients", "speedup_vs_double_backward",
+            "best_items_per_s",
             "best_speedup", "peak_mem_mb", "mem_vs_db", "cos_vs_db"]
 
 
@@ -154,7 +158,11 @@ def run(quick: bool = False, device: str = "cpu", smoke: bool = False) -> dict:
         rows = compare(ms, "double_backward")
         db_mem = next(m.peak_mem_mb for m in ms if m.name == "double_backward")
         db_best = next(r for r in rows if r["name"] == "double_backward")
+        unit = next(r for r in rows if r["name"] == _FLOOR)
         for r in rows:
+            # the headline unit: seconds per image as a multiple of one plain input gradient per image
+            # (same model and batch, same run); it travels between machines, images per second do not
+            r["in_gradients"] = (r["median_s"] / r["items"]) / (unit["median_s"] / unit["items"])
             r["best_items_per_s"] = r["items"] / r["min_s"]
             r["best_speedup"] = r["best_items_per_s"] / (db_best["items"] / db_best["min_s"])
             r["mem_vs_db"] = r["peak_mem_mb"] / db_mem if r["peak_mem_mb"] is not None and db_mem else None

@@ -15,6 +15,10 @@ cached clean saliency maps ``I_ref``) in this process, after a warm-up call, ove
 * ``best path``: :func:`upi_fast.accel.autotune_step` (exact float32 on the CPU, bf16 on CUDA), its
   tuning time reported apart.
 
+Headline unit, ``in_gradients``: each step path's seconds per image as a multiple of
+``one input gradient (the unit)`` (a plain first-order input gradient of the same model and batch,
+timed in the same rounds): it travels between machines, images per second do not.
+
 Columns: median seconds per call and interquartile range, images per second, ``speedup_vs_reference``
 (reference = ``double_backward`` in the same run), ``x_loop`` (against the per-sample loop), the
 fastest call's rate (``best_items_per_s``, least disturbed on a shared CPU), ``setup_s`` (first call:
@@ -69,7 +73,9 @@ __all__ = ["run", "main", "build_problem", "configs"]
 REFERENCE = "double_backward (naive batched eager fp32)"
 LOOP = "per-sample loop (double backward, 1 image per call)"
 BEST = "best path (autotuned)"
-_COLUMNS = ["name", "exact", "items", "items_per_s", "median_s", "iqr_s", "speedup_vs_reference", "x_loop",
+UNIT = "one input gradient (the unit)"
+_COLUMNS = ["name", "exact", "items", "items_per_s", "median_s", "iqr_s", "in_gradients", "speedup_vs_reference",
+            "x_loop",
             "best_items_per_s", "setup_s", "peak_mem_mb", "mem_vs_ref", "cos_vs_ref"]
 _STRENGTH_COLUMNS = ["name", "hvp", "precision", "dissimilarity", "dissimilarity_std", "strength_vs_ref",
                      "fooling_rate", "fit_s", "fit_speedup"]
@@ -144,6 +150,7 @@ def _fast_specs(device: str, quick: bool, smoke: bool, big: bool = False, model:
 def _contenders(cfg: dict, device: str, quick: bool, smoke: bool, problem) -> tuple[dict[str, _Contender], object]:
     import upi_fast as U
     from upi_fast.accel import autotune_step
+    from upi_fast.saliency import averaged_gradient
 
     model, x, y, I_ref, delta = problem
     B, n = x.shape[0], cfg["loop"]
@@ -155,8 +162,12 @@ def _contenders(cfg: dict, device: str, quick: bool, smoke: bool, problem) -> tu
         return [U.saliency_loss_grad(model, x[i:i + 1], y[i:i + 1], I_ref[i:i + 1], delta, hvp="double_backward")
                 for i in range(n)]
 
+    def unit():
+        return averaged_gradient(model, x + delta, y)
+
     big = cfg["model"] != "digits CNN"
-    cont = {LOOP: _Contender(loop, n, True), REFERENCE: _Contender(eager("double_backward"), B, True)}
+    cont = {UNIT: _Contender(unit, B, True), LOOP: _Contender(loop, n, True),
+            REFERENCE: _Contender(eager("double_backward"), B, True)}
     modes = ["piecewise_linear"] if smoke else ["piecewise_linear", "finite_difference", "finite_difference_onesided"]
     if quick and big:
         modes = ["piecewise_linear", "finite_difference_onesided"]
@@ -205,7 +216,7 @@ def _time_model(cfg: dict, device: str, quick: bool, smoke: bool, rounds: int, r
     for name, c in cont.items():  # warm-up calls (untimed; oneDNN builds its kernels per shape on first use)
         for _ in range(1 if (smoke or quick) else 2):
             out = c.fn()
-        if name != LOOP:
+        if name not in (LOOP, UNIT):
             cos[name] = cosine(out[1], ref_grad)
     times: dict[str, list[float]] = {name: [] for name in cont}
     for _ in range(rounds):
@@ -225,8 +236,12 @@ def _rows(ms: list[Measurement], cont: dict, cos: dict) -> list[dict]:
     rows = compare(ms, REFERENCE)
     ref = next(r for r in rows if r["name"] == REFERENCE)
     loop = next(r for r in rows if r["name"] == LOOP)
+    unit = next(r for r in rows if r["name"] == UNIT)
     for r in rows:
         c = cont[r["name"]]
+        # the headline unit: seconds per image as a multiple of one plain input gradient per image (same
+        # model and batch, same run; the loop's images go one per call)
+        r["in_gradients"] = (r["median_s"] / r["items"]) / (unit["median_s"] / unit["items"])
         r["speedup_vs_reference"] = r.pop("speedup_vs_" + REFERENCE)
         r["x_loop"] = r["items_per_s"] / loop["items_per_s"]
         r["best_items_per_s"] = r["items"] / r["min_s"]

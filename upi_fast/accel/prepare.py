@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import weakref
 from typing import Callable
 
 import torch
@@ -13,7 +14,8 @@ from torch import nn
 from .._checks import check_model
 from ..linearization import register_linear_function
 
-__all__ = ["fold_batchnorm", "prepare_model", "SpaceToDepthConv2d", "ChannelsLastMaxPool", "model_device"]
+__all__ = ["fold_batchnorm", "prepare_model", "prepared_model", "SpaceToDepthConv2d", "ChannelsLastMaxPool",
+           "model_device"]
 
 logger = logging.getLogger("upi_fast")
 
@@ -84,16 +86,22 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return _fold(model, copy.deepcopy)
+
+
+def _fold(model: nn.Module, own: Callable[[nn.Module], nn.Module]) -> tuple[nn.Module, int]:
+    """:func:`fold_batchnorm` on ``own(model)`` (``copy.deepcopy``, or the identity for a private copy:
+    :func:`prepare_model` copies once, not twice)."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        return copy.deepcopy(model), 0
+        return own(model), 0
     import torch.fx
 
     try:
-        gm = torch.fx.symbolic_trace(copy.deepcopy(model))
+        gm = torch.fx.symbolic_trace(own(model))
     except Exception as exc:  # noqa: BLE001 - any tracing failure means "do not fold"
         logger.info("fold_batchnorm: the model cannot be traced by torch.fx (%s: %s); nothing folded",
                     type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        return copy.deepcopy(model), 0
+        return own(model), 0
     n = 0
     for node in list(gm.graph.nodes):
         pair = _foldable_pair(gm, node)
@@ -105,7 +113,7 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
         gm.graph.erase_node(node)
         n += 1
     if n == 0:
-        return copy.deepcopy(model), 0
+        return own(model), 0
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
@@ -275,7 +283,7 @@ def prepare_model(model: nn.Module, *, fold_bn: bool = True, channels_last: bool
     if pool_channels_last is None:
         pool_channels_last = cpu and not channels_last
     src = copy.deepcopy(model).eval()
-    out = fold_batchnorm(src)[0] if fold_bn else src
+    out = _fold(src, lambda m: m)[0] if fold_bn else src  # src is private: no second copy
     out.eval()
     if stem_space_to_depth:
         _replace_modules(out, SpaceToDepthConv2d.applies, SpaceToDepthConv2d)
@@ -288,6 +296,49 @@ def prepare_model(model: nn.Module, *, fold_bn: bool = True, channels_last: bool
         out = out.to(memory_format=torch.channels_last)
     return out.eval()
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Reuse of a prepared copy (one fit builds several steps: UPIGrad's UPI-PCA start, then its ascent)
+# ------------------------------------------------------------------------------------------------
+
+_PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    """What the prepared copy depends on: every module (identity, type, mode, hooks) and every tensor
+    (identity, storage, in-place version counter, dtype, device, shape, requires_grad)."""
+    mods = tuple((id(m), type(m), m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
+                 for m in model.modules())
+    tensors = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), t.requires_grad)
+                    for t in (*model.parameters(), *model.buffers()))
+    return mods, tensors
+
+
+def prepared_model(model: nn.Module, **options) -> nn.Module:
+    """:func:`prepare_model` ``(model, **options)``, reused while neither ``model`` nor the copy changed.
+
+    The copy is remembered per model object (weakly) and options; it is rebuilt when a module, a
+    hook, a parameter or a buffer of ``model`` was replaced or modified in place (PyTorch's version
+    counters; ``load_state_dict`` and optimiser steps bump them), or when the copy itself was. A reused
+    copy keeps the verdict of the piecewise-linear confirmation (:mod:`upi_fast.piecewise` caches it
+    per model object), so a fit that builds two steps (UPIGrad's UPI-PCA start, then the ascent)
+    prepares and confirms once.
+    """
+    if not isinstance(model, nn.Module):
+        return prepare_model(model, **options)
+    key = tuple(sorted(options.items()))
+    try:
+        entry = _PREPARED.setdefault(model, {})
+    except TypeError:  # pragma: no cover - not weak-referenceable
+        return prepare_model(model, **options)
+    fp = _fingerprint(model)
+    hit = entry.get(key)
+    if hit is not None and hit[0] == fp and hit[2] == _fingerprint(hit[1]):
+        return hit[1]
+    out = prepare_model(model, **options)
+    entry[key] = (fp, out, _fingerprint(out))
+    return out
 
 
 model_device = _model_device

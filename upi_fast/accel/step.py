@@ -14,7 +14,7 @@ from ..hvp import HVP_MODES, SaliencySpec, _loss_grad
 from ..hvp_modes import AUTO, DIRECTIONS, DOUBLE_BACKWARD, FIRST_ORDER_MODES, FORWARD, PIECEWISE_LINEAR, RESOLVED_MODES, \
     Hooks, double_backward
 from ..piecewise import piecewise_or_fallback, resolve_hvp
-from .prepare import _model_device, prepare_model
+from .prepare import _model_device, prepared_model
 
 __all__ = ["FastStep", "fast_step", "PRECISIONS", "COMPILABLE_MODES"]
 
@@ -124,8 +124,8 @@ class FastStep:
         self.channels_last, self.compile, self.cuda_graph = bool(channels_last), bool(compile), bool(cuda_graph)
         self.static_batch, self.validate, self.device = static_batch, validate, device
         if prepare:
-            self.model_ = prepare_model(model, fold_bn=fold_bn, channels_last=self.channels_last,
-                                        stem_space_to_depth=stem_space_to_depth, pool_channels_last=pool_channels_last)
+            self.model_ = prepared_model(model, fold_bn=fold_bn, channels_last=self.channels_last,
+                                         stem_space_to_depth=stem_space_to_depth, pool_channels_last=pool_channels_last)
         else:
             self.model_ = model
         self._fn_model = self.model_

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from typing import Callable, ContextManager, Iterator
 
 import torch
@@ -135,6 +136,10 @@ def _map_style(loader) -> bool:
     return isinstance(s, SequentialSampler)
 
 
+#: Live cached streams by :meth:`CleanBatches._cache_key` (weak: an entry ends with its stream, i.e. its fit).
+_LIVE_CACHES: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+
+
 class CleanBatches:
     """The attack data as global batches ``Batch`` of correctly classified samples (see the module).
 
@@ -180,7 +185,9 @@ class CleanBatches:
             self.input_shape, self.dtype = tuple(tensors[0].shape[1:]), tensors[0].dtype
         if tensors is not None and cache:
             self.kind = "cached"
-            self._build_cache(*tensors)
+            if not self._share_cache(*tensors):
+                self._build_cache(*tensors)
+                self._register_cache(*tensors)
         elif tensors is not None or _map_style(data):
             self.kind = "indexed"
             self._init_indexed(tensors)
@@ -290,6 +297,39 @@ class CleanBatches:
         self._cache = (X[idx].to(self.device), Y[idx].to(self.device), M)
         self.n_correct = int(idx.numel())
         self.batches_per_epoch = -(-self.n_correct // self.batch_size)
+
+    # -- one cache per fit: UPIGrad's UPI-PCA start reads the same tensors with the same settings -----
+    def _cache_key(self, X: torch.Tensor, Y: torch.Tensor) -> tuple | None:
+        """What the cache depends on, or None when it is not shared (a custom autocast: its identity is
+        all we know). Validity beyond the key: :meth:`_cache_state` (tensor and module versions)."""
+        if self.autocast is not contextlib.nullcontext:
+            return None
+        from ._common import spec_fields
+        return (id(self.model), id(X), id(Y), self.batch_size, repr(spec_fields(self.spec)), str(self.device),
+                repr(self.surrogate), self.seed, self.comm.world, self.comm.rank)
+
+    def _cache_state(self, X: torch.Tensor, Y: torch.Tensor) -> tuple:
+        from ..accel.prepare import _fingerprint
+        return ((X.data_ptr(), X._version, Y.data_ptr(), Y._version)
+                + (_fingerprint(self.model) if isinstance(self.model, torch.nn.Module) else (id(self.model),)))
+
+    def _share_cache(self, X: torch.Tensor, Y: torch.Tensor) -> bool:
+        """Take the filtered data and clean maps of a live stream over the same tensors, model and
+        settings (while it is alive, and neither the tensors nor the model changed since it was built)."""
+        key = self._cache_key(X, Y)
+        other = _LIVE_CACHES.get(key) if key is not None else None
+        if other is None or other._state != self._cache_state(X, Y):
+            return False
+        self._cache, self._state = other._cache, other._state
+        self.n_seen, self.n_zero_maps, self.n_correct = other.n_seen, other.n_zero_maps, other.n_correct
+        self.batches_per_epoch = other.batches_per_epoch
+        return True
+
+    def _register_cache(self, X: torch.Tensor, Y: torch.Tensor) -> None:
+        key = self._cache_key(X, Y)
+        if key is not None:
+            self._state = self._cache_state(X, Y)
+            _LIVE_CACHES[key] = self
 
     def _cached_epoch(self, epoch: int, start: int, maps: bool) -> Iterator[Batch]:
         Xc, Yc, Mc = self._cache
