@@ -7,7 +7,8 @@ Suites (default: all, in this order): ``upi_grad`` (the UPI-Grad step and its fa
 ``hvp`` (every HVP mode), ``upi_pca`` (direction generation through the sketch, exact vs sketch),
 ``ops`` (custom ops vs eager), ``svd`` (top singular vector), ``data`` (ImageFolder decode vs the uint8
 cache, images per second), ``fits`` (whole UPI-PCA / UPI-Grad fits with the defaults against the
-naive batched loop of the same math, :mod:`bench.naive`). ``--report`` runs the suites of
+naive batched loop of the same math, :mod:`bench.naive`), ``fixed_costs`` (the one-off costs of a
+default fit, before and after their cuts). ``--report`` runs the suites of
 :data:`bench.report.REPORT_SUITES` (or those named) and writes ``bench/RESULTS.md`` (``--report-to``)
 from that one run (:mod:`bench.report`). Each suite module exposes
 ``run(quick, device) -> dict`` and prints its Markdown tables (every contender on the same inputs in
@@ -34,7 +35,7 @@ import sys
 import time
 import traceback
 
-SUITES = ("upi_grad", "hvp", "upi_pca", "ops", "svd", "data", "fits")
+SUITES = ("upi_grad", "hvp", "upi_pca", "ops", "svd", "data", "fits", "fixed_costs")
 
 __all__ = ["main", "SUITES", "summary_rows", "plot_chart"]
 
@@ -98,6 +99,12 @@ def summary_rows(suite: str, result: dict) -> list[dict]:
                 out.append({"suite": suite, "section": case, "contender": r.get("contender"),
                             "median_s": _f(r.get("median_s")), "iqr_s": None, "items_per_s": None,
                             "vs_reference": _f(r.get("speedup_vs_naive")), "reference": result.get("reference")})
+    elif suite == "fixed_costs":
+        for r in result.get("rows", []):
+            out.append({"suite": suite, "section": "fixed cost of a default fit", "contender": r.get("cost"),
+                        "median_s": _f(r["after_ms"] / 1e3), "iqr_s": None, "items_per_s": None,
+                        "vs_reference": _f(r["before_ms"] / r["after_ms"]) if r.get("after_ms") else None,
+                        "reference": "the same cost before issue 17"})
     elif suite == "ops":
         for r in result.get("rows", []):
             out.append({"suite": suite, "section": r.get("op"), "contender": r.get("name"),
@@ -162,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", default=None, help="results root (default: bench/results under the current folder)")
     parser.add_argument("--report", action="store_true",
-                        help="write bench/RESULTS.md from this run (default suites: fits upi_grad hvp upi_pca)")
+                        help="write bench/RESULTS.md from this run (default suites: bench.report.REPORT_SUITES)")
     parser.add_argument("--report-to", default=os.path.join("bench", "RESULTS.md"), help="the report's path")
     args = parser.parse_args(argv)
     unknown = [s for s in args.suites if s not in SUITES]
@@ -237,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(tmp, path)
     write_json(os.path.join(out_dir, "summary.json"), {"command": command, "started": started, "machine": machine,
                                                        "suite_seconds": timings, "total_s": total,
+                                                       "load_before": load_before, "load_after": load_average(),
                                                        "failures": failures, "rows": summary})
     print(f"wrote {path}\ntotal {total:.1f} s")
     if args.report:

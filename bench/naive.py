@@ -65,7 +65,7 @@ def naive_pca(model, X, Y, M, eps, batch, seed=0):
     """UPI-PCA (one round, exact SVD): ``(delta, {"+1": score, "-1": score})``."""
     shape = X.shape[1:]
     sigma = 0.1 * eps / math.sqrt(math.prod(shape))
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=X.device).manual_seed(seed)  # the solvers' generator, so the same draws
     rows = []
     for i in range(0, X.shape[0], batch):
         x, y = X[i:i + batch], Y[i:i + batch]
@@ -85,12 +85,12 @@ def naive_grad(model, X, Y, M, eps, batch, epochs, seed=0, start=None):
     shape = X.shape[1:]
     d = math.prod(shape)
     sigma = 0.1 * eps / math.sqrt(d)
-    gen = torch.Generator().manual_seed(seed)
-    delta = random_in_ball(tuple(shape), eps, 2, generator=gen) if start is None else start.clone()
+    gen = torch.Generator(device=X.device).manual_seed(seed)
+    delta = random_in_ball(tuple(shape), eps, 2, generator=gen, device=X.device) if start is None else start.clone()
     lr = (0.5 if start is None else 0.02) * eps
     n, total, step = X.shape[0], epochs * -(-X.shape[0] // batch), 0
     for epoch in range(epochs):
-        for idx in global_batches(epoch_order(n, seed, epoch, True), batch):
+        for idx in global_batches(epoch_order(n, seed, epoch, True).to(X.device), batch):
             x, y, m = X[idx], Y[idx], M[idx]
             z = sigma * torch.randn(x.shape, generator=gen, dtype=x.dtype)
             _, g = naive_step(model, x + z, y, m, delta)

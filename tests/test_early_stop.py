@@ -122,3 +122,14 @@ def test_two_processes_stop_at_the_same_epoch_as_one(tmp_path):
     assert one.stopped_epoch_ == int(r0["stopped"]) == 7
     assert r0["epochs"].tolist() == pytest.approx(one.epoch_history_, rel=1e-5)
     assert float((r0["delta"] - one.delta_).norm() / one.delta_.norm()) < 1e-5
+
+
+def test_time_to_strong_helpers():
+    """bench/time_to_strong.py's bookkeeping on made-up curves: the level is 95% of the best point of
+    any run, a run's time is its first point at or above it, a run that never gets there has none."""
+    from bench.time_to_strong import summarise, t_reach
+    a = {"curve": [[0.1, 0, 0.2], [0.5, 1, 0.96], [0.9, None, 1.0]], "final": 1.0, "fit_s": 0.9, "stopped_epoch": None}
+    b = {"curve": [[0.3, None, 0.9]], "final": 0.9, "fit_s": 0.3, "stopped_epoch": None}
+    best, s = summarise({"x": [a], "y": [b]})
+    assert best == 1.0 and t_reach(a["curve"], 0.95) == 0.5 and t_reach(b["curve"], 0.95) is None
+    assert s["x"]["t95"]["mean"] == 0.5 and s["y"]["t95"]["n"] == 0 and s["x"]["t99"]["mean"] == 0.9

@@ -13,7 +13,7 @@ rounding, and for UPI-Grad the better-of-start-and-last choice).
 Cases (CPU: torchvision ResNet-18, random weights, 10 classes, labels = the model's predictions):
 UPI-PCA (exact SVD) on 128 images, batch 64; UPI-Grad (default: UPI-PCA start) on 128 images, one
 epoch of batch 64 (2 steps); the same with ``init="random"``; UPI-Grad on 256 images, 2 epochs of
-batch 64 (8 steps). ``--quick``: the three short cases, one round; ``--smoke``: the digits CNN.
+batch 64 (8 steps). ``--quick``: the three short cases, two rounds; ``--smoke``: the digits CNN.
 
     python -m bench.suites.fits [--quick] [--device cpu|cuda] [--threads N] [--no-save]
 """
@@ -72,7 +72,7 @@ def run(quick: bool = False, device: str = "cpu", smoke: bool = False, rounds: i
     from ..naive import naive_fit
     t_start = time.perf_counter()
     model, X, Y, batch = _problem(device, quick, smoke)
-    rounds = rounds or (1 if quick or smoke else 3)
+    rounds = rounds or (1 if smoke else 2 if quick else 3)
     cases = CASES[:2] if smoke else CASES[:3] if quick else CASES
     if smoke:
         cases = tuple((n.replace("128", "32").replace("256", "64"), k, i // 4, e) for n, k, i, e in cases)
@@ -124,7 +124,7 @@ def run(quick: bool = False, device: str = "cpu", smoke: bool = False, rounds: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = suite_parser("fits", __doc__, quick_help="the three short cases, one round", smoke=True, threads=True)
+    parser = suite_parser("fits", __doc__, quick_help="the three short cases, two rounds", smoke=True, threads=True)
     args = parser.parse_args(argv)
     apply_threads(parser, args)
     result = run(args.quick, args.device, getattr(args, "smoke", False))

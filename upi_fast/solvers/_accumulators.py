@@ -107,16 +107,22 @@ class ExactRows:
         return S, Vh
 
 
+#: Peak bytes per matrix entry of the exact solve: the float32 row blocks (4), their concatenation (4)
+#: and its float64 copy (8).
+EXACT_PEAK_BYTES_PER_ENTRY = 16
+
+
 def resolve_solver(solver: str, d: int, n: int, memory_budget: int, multi_pass_ok: bool = True) -> str:
-    """``solver``, with ``"auto"`` resolved: ``"exact"`` when the n x d float32 matrix fits
-    ``memory_budget`` bytes; otherwise ``"block_krylov"`` over rows spilled to disk (two passes of
+    """``solver``, with ``"auto"`` resolved: ``"exact"`` when the exact solve's peak fits
+    ``memory_budget`` bytes (the n x d float32 rows, their concatenation and its float64 copy:
+    :data:`EXACT_PEAK_BYTES_PER_ENTRY` = 16 bytes per entry); otherwise ``"block_krylov"`` over rows spilled to disk (two passes of
     block Krylov reach the exact top vector to |cos| ~ 1 where one pass cannot: per-sample attack
     directions have a flat spectrum, see bench/RESULTS.md), or, when spilling is not possible
     (``multi_pass_ok`` false: several processes or checkpoints), the single-pass ``"sketch"``
     with a warning. ``n`` = 0 means unknown (a streamed loader without a length)."""
     if solver != "auto":
         return solver
-    if 0 < n and n * d * 4 <= memory_budget:
+    if 0 < n and n * d * EXACT_PEAK_BYTES_PER_ENTRY <= memory_budget:
         return "exact"
     if multi_pass_ok:
         return "block_krylov"

@@ -51,7 +51,7 @@ class UPIPCA:
         noise_std: std of the random offset ``z_i`` (default: ``||z||_2 ~ 0.1 eps``).
         normalize_rows: scale every direction ``g_i`` to unit L2 norm before the SVD.
         solver: how the top singular vector is found: ``"auto"`` (exact when the n x d matrix fits
-            ``memory_budget`` bytes, else block Krylov over rows spilled to ``spill_dir``, or the
+            ``memory_budget`` bytes at its peak, else block Krylov over rows spilled to ``spill_dir``, or the
             single-pass sketch where spilling is impossible), ``"exact"``,
             ``"sketch"`` (single pass, mergeable), ``"frequent_directions"``, ``"subspace"`` /
             ``"block_krylov"`` (multi-pass: rows spill to a memory-mapped file in ``spill_dir``).
@@ -69,7 +69,8 @@ class UPIPCA:
         surrogate: None, ``"softplus"`` or a beta (see :class:`UPIGrad`).
         saliency_kwargs, fd_step: as :class:`UPIGrad`.
         n_components: singular values / vectors to report (the perturbation uses the first).
-        memory_budget: bytes the exact solver may use for G (``"auto"``).
+        memory_budget: bytes the exact solver may use at its peak (16 per entry of the n x d matrix: the
+            float32 rows, their concatenation and its float64 copy; ``"auto"``).
         sketch_kwargs: extra arguments of the streaming solver (oversample, n_iter, ...).
         checkpoint_dir, checkpoint_every: as :class:`UPIGrad` (steps = direction batches, counted over
             all rounds); a checkpoint holds the round, the batch position, the noise generator state,
@@ -297,7 +298,7 @@ class UPIPCA:
     def _fit(self, data, resume: bool, comm, device) -> None:
         stream = CleanBatches(self.model, data, self.batch_size, self.spec, device, shuffle=False,
                               surrogate=self.surrogate, seed=self.seed, comm=comm, autocast=self._autocast,
-                              micro=self._micro)
+                              micro=self._micro, net=getattr(getattr(self._fast, "step", None), "model_", None))
         shape = stream.input_shape
         d = math.prod(shape)
         sigma = self.noise_std if self.noise_std is not None else default_noise_std(self.eps, self.norm, d)
