@@ -214,14 +214,19 @@ class CleanBatches:
         # smoothgrad: the draws for the whole batch, as raw_gradient would make them, split with the batch
         noise = s.draw_noise(x, generator)
 
-        def part(lo: int, hi: int) -> torch.Tensor:
-            g = raw_gradient(self.net, x[lo:hi], y[lo:hi], s.method, s.target_kind, False, s.steps, s.baseline,
+        def part(lo: int, hi: int, net=self.net) -> torch.Tensor:
+            g = raw_gradient(net, x[lo:hi], y[lo:hi], s.method, s.target_kind, False, s.steps, s.baseline,
                              s.multiply_by_input, s.smoothgrad_std, s.n_samples, None,
                              None if noise is None else noise[:, lo:hi], integration=s.integration)
             return postprocess_maps(g, s.postprocess).detach()
 
         with surrogate_context(self.model, self.surrogate), self.autocast():
-            parts = self.micro.run(part, x.shape[0], "the clean saliency maps")
+            try:
+                parts = self.micro.run(part, x.shape[0], "the clean saliency maps")
+            except ValueError:  # a model that cannot be attacked: the error as the model itself gives it
+                if self.net is self.model:
+                    raise
+                parts = self.micro.run(lambda lo, hi: part(lo, hi, self.model), x.shape[0], "the clean saliency maps")
         m = parts[0][2] if len(parts) == 1 else torch.cat([p for _, _, p in parts])
         return m if m.dtype == x.dtype else m.to(x.dtype)
 
