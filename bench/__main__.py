@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {path}\ntotal {total:.1f} s")
     if args.report:
         write_report(args.report_to, render(results, command=command, total_s=total, out_dir=out_dir,
-                                            failures=failures, load_before=load_before, quick=quick))
+                                            failures=failures, load_before=load_before, quick=quick, date=started,
+                                            summary=summary))
         print(f"wrote {args.report_to}")
     return 1 if failures else 0
 

@@ -131,16 +131,17 @@ def _step_section(suite: str, res: dict) -> str:
     return "\n".join(out)
 
 
-def _generic_section(suite: str, res: dict) -> str:
-    from .__main__ import summary_rows
-    rows = summary_rows(suite, res)
+def _generic_section(suite: str, rows: list[dict]) -> str:
+    rows = [r for r in rows if r.get("suite") == suite]
     return f"## `{suite}`\n\n" + (_table(rows, ["section", "contender", "median_s", "items_per_s", "vs_reference",
                                                 "reference"]) if rows else "(no rows)\n")
 
 
 def render(results: dict[str, dict], *, command: str, total_s: float, out_dir: str, failures: dict,
-           load_before: str, quick: bool, date: str | None = None, load_after: str | None = None) -> str:
-    """The Markdown document for ``results`` (suite -> result of one run)."""
+           load_before: str, quick: bool, date: str | None = None, load_after: str | None = None,
+           summary: list[dict] | None = None) -> str:
+    """The Markdown document for ``results`` (suite -> result of one run); ``summary``: the run's
+    uniform rows (``bench.__main__.summary_rows``), for the suites without a section of their own."""
     from .harness import machine_info
     m = machine_info("cpu")
     head = ["# Benchmark results" + (" (quick run)" if quick else ""), "",
@@ -160,7 +161,7 @@ def render(results: dict[str, dict], *, command: str, total_s: float, out_dir: s
         elif suite in ("upi_grad", "hvp") or res.get("models"):
             body.append(_step_section(suite, res))
         else:
-            body.append(_generic_section(suite, res))
+            body.append(_generic_section(suite, summary or []))
     return "\n".join(head) + "\n" + "\n".join(body)
 
 
@@ -177,7 +178,7 @@ def from_run(run_dir: str) -> str:
     return render(results, command=summary["command"], total_s=summary["total_s"], out_dir=run_dir,
                   failures=summary.get("failures", {}), load_before=summary.get("load_before", "not recorded"),
                   quick="--quick" in summary["command"] or "--smoke" in summary["command"],
-                  date=summary.get("started"), load_after=summary.get("load_after"))
+                  date=summary.get("started"), load_after=summary.get("load_after"), summary=summary.get("rows"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,8 +12,9 @@ table; the UPI-PCA start is part of the default fit):
 * the piecewise-linear confirmation (double backward against the linearisation): before, two samples
   per step object (the new prepared copy missed the cache); after, one sample, once per model state;
 * clean predictions and maps: before, a prediction pass and a map pass per batch, once by UPIGrad's
-  stream and again by the UPI-PCA start's; after, one stream's cache serves both, and after the
-  first batch the predictions come from the maps' own forward pass;
+  stream and again by the UPI-PCA start's; after, one stream's cache serves both, and the
+  predictions come from the maps' own forward pass (UPIGrad's stream runs on the model as given; a
+  UPI-PCA fit's on its prepared copy);
 * UPI-PCA's sign decision: before, the clean map again plus the maps at ``x + v`` and ``x - v`` per
   batch on the model as given; after, the cached clean maps and the two maps on the prepared copy;
 * UPIGrad's final choice (better of start and last iterate; ``upi_grad.py``, not changed here):
@@ -100,7 +101,7 @@ def run(quick: bool = False, device: str = "cpu", smoke: bool = False, images: i
             ("piecewise-linear confirmation", "2 x 2 samples", 2 * med["confirm_before"], "1 x 1 sample",
              med["confirm_after"]),
             ("clean predictions + clean maps", f"2 streams x {nb} batches", 2 * nb * med["clean_before"],
-             f"1 stream: 1 + {nb - 1} one-pass batches", med["clean_before"] + (nb - 1) * med["clean_after"]),
+             f"1 stream x {nb} one-pass batches", nb * med["clean_after"]),
             ("UPI-PCA sign decision", f"{nb} x 3 maps (model as given)", nb * 3 * med["map_user"],
              f"{nb} x 2 maps (prepared copy)", nb * 2 * med["map_prepared"]),
             ("UPIGrad final choice (upi_grad.py, unchanged)", f"{nb} x 3 maps", nb * 3 * med["map_user"],

@@ -295,8 +295,7 @@ class CleanBatches:
             return z.argmax(1) == y[lo:hi], postprocess_maps(g, s.postprocess).detach()
 
         parts = self.micro.run(part, x.shape[0], "the clean saliency maps")
-        keep = torch.cat([p[0] for _, _, p in parts])
-        m = torch.cat([p[1] for _, _, p in parts])
+        keep, m = (torch.cat([p[i] for _, _, p in parts]) for i in (0, 1))
         return keep, (m if m.dtype == x.dtype else m.to(x.dtype))
 
     def _share(self, k: int, epoch: int, size: int, lo: int, x, y, maps: bool) -> Batch:
@@ -373,8 +372,7 @@ class CleanBatches:
 
     # -- one cache per fit: UPIGrad's UPI-PCA start reads the same tensors with the same settings -----
     def _cache_key(self, X: torch.Tensor, Y: torch.Tensor) -> tuple | None:
-        """What the cache depends on, or None when it is not shared (a custom autocast: its identity is
-        all we know). Validity beyond the key: :meth:`_cache_state` (tensor and module versions)."""
+        """What the cache depends on (None: not shared, e.g. under autocast); see :meth:`_cache_state`."""
         if self.autocast is not contextlib.nullcontext:
             return None
         from ._common import spec_fields
@@ -389,8 +387,7 @@ class CleanBatches:
     def _share_cache(self, X: torch.Tensor, Y: torch.Tensor) -> bool:
         """Take the filtered data and clean maps of a live stream over the same tensors, model and
         settings (while it is alive, and neither the tensors nor the model changed since it was built)."""
-        key = self._cache_key(X, Y)
-        other = _LIVE_CACHES.get(key) if key is not None else None
+        other = _LIVE_CACHES.get(self._cache_key(X, Y))
         if other is None or other._state != self._cache_state(X, Y):
             return False
         self._cache, self._state = other._cache, other._state
