@@ -401,3 +401,22 @@ def test_random_architectures_auto_equals_double_backward_or_refuses(names, seed
         assert _rel(got, want) < 1e-6, names
     else:
         assert torch.equal(got, want), names
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_prepared_resnet_step_is_proved_in_both_layouts(channels_last):
+    """The prepared ResNet-18 (BatchNorm folded, NHWC max pooling, optionally channels_last) stays on
+    the lists: every graph node of its relayouts is known, so auto keeps the exact two-pass mode."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=K).to(F64).eval()
+    x = torch.rand(2, 3, 64, 64, dtype=F64)
+    y = torch.tensor([1, 3])
+    I_ref = U.saliency(model, x, y)
+    delta = 0.01 * torch.randn(3, 64, 64, dtype=F64)
+    want = U.saliency_loss_grad(model, x, y, I_ref, delta, hvp="double_backward")[1]
+    step = FastStep(model, SaliencySpec(), hvp="auto", channels_last=channels_last)
+    got = step(x, y, I_ref, delta)[1]
+    assert step.hvp_ == "piecewise_linear", step.notes_
+    assert _rel(got, want) < 1e-6

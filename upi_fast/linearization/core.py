@@ -16,7 +16,7 @@ from .passes import _Primal, _Tangent
 
 _GRAPH_NODES = frozenset({
     # linear / structural
-    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AsStridedBackward0", "PermuteBackward0",
+    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AsStridedBackward0", "AsStridedBackward1", "PermuteBackward0",
     "TransposeBackward0", "TransposeBackward1", "TBackward0", "CloneBackward0", "SqueezeBackward0",
     "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "SqueezeBackward4", "UnsqueezeBackward0",
     "ExpandBackward0", "RepeatBackward0", "FlipBackward0", "RollBackward0", "RotBackward0", "NarrowBackward0",
