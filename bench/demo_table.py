@@ -171,8 +171,14 @@ def render(result: dict) -> str:
     pca_d = _col(runs, "UPI-PCA", "dissimilarity")
     gaps = [p - v for v, p in zip(_col(runs, "UPI-Grad, init=random", "dissimilarity"), pca_d)]
     below = [g for g in gaps if g > 0]
-    robust = (spread["UPI-Grad"] <= 0.01
-              and min(_col(runs, "UPI-Grad", "dissimilarity")) >= max(_col(runs, "UPI-PCA", "dissimilarity")) - 0.005)
+    grad_d = _col(runs, "UPI-Grad", "dissimilarity")
+    first4 = [i for i, s in enumerate(seeds) if s in (0, 1, 2, 3)]
+    g4, p4 = [grad_d[i] for i in first4], [pca_d[i] for i in first4]
+    # the test's property (seeds 0-3: spread <= 0.01, every seed >= the best UPI-PCA seed - 0.005) ...
+    robust4 = len(g4) == 4 and max(g4) - min(g4) <= 0.01 and min(g4) >= max(p4) - 0.005
+    # ... and over every seed: spread <= 0.01, each seed >= UPI-PCA of the same seed - 0.005
+    robust = spread["UPI-Grad"] <= 0.01 and all(g >= p - 0.005 for g, p in zip(grad_d, pca_d))
+    worst = min(g - p for g, p in zip(grad_d, pca_d))
     lines += [
         "",
         f"One universal perturbation reaches {_ms(pct['UPI-Grad'], 1)} % (UPI-Grad) and {_ms(pct['UPI-PCA'], 1)} % "
@@ -189,8 +195,10 @@ def render(result: dict) -> str:
         f"each reach at least 1.8x the dissimilarity of universal random noise of the same norm (lowest ratio "
         f"over these seeds: {low:.2f}x, {'holds' if low >= 1.8 else 'DOES NOT HOLD'}), PCA+ has a lower fooling "
         f"rate than plain UPI-PCA ({fool} of {n_seeds} seeds), and the default UPI-Grad's dissimilarity varies "
-        "by at most 0.01 over seeds 0-3 and stays within 0.005 of UPI-PCA's (here, over all "
-        f"{n_seeds} seeds: {'holds' if robust else 'DOES NOT HOLD'}).",
+        "by at most 0.01 over seeds 0-3, each of them at least the best UPI-PCA seed's minus 0.005 (here: "
+        f"{'holds' if robust4 else 'DOES NOT HOLD' if len(g4) == 4 else 'not run'}); over all {n_seeds} seeds the "
+        f"spread is {spread['UPI-Grad']:.3f} and every seed is at least UPI-PCA of the same seed minus 0.005 "
+        f"(worst difference {worst:+.4f}: {'holds' if robust else 'DOES NOT HOLD'}).",
         "",
         f"Wall time of one whole `upi-fast demo` (without the extra random-start row): {walls[0]:.1f} s from an "
         f"empty cache (training the CNN included), {_ms(walls[1:], 1) if len(walls) > 1 else 'n/a'} s with the "
