@@ -283,20 +283,24 @@ class UPIGrad:
         return pca.delta_.to(device, torch.float32)
 
     def _choose(self, st: "_GradState", stream, autocast) -> tuple[torch.Tensor, float | None, float | None, bool]:
-        """``(delta, start score, score of delta, refined)``: with a UPI-PCA start, the better of the
-        start and the last iterate by the attack objective on the attack data; else the last iterate."""
+        """``(delta, start score, score of delta, refined)``: with a UPI-PCA start, the last iterate
+        when it beats the start on the attack data by more than the noise of that comparison (a
+        paired test over the samples: mean per-sample gain above 2 standard errors), else the start;
+        with a random start the last iterate. The margin keeps a gain that is within the sampling
+        noise of the attack split from being taken for one (it does not carry over to new images)."""
         if st.start is None:
             return st.delta, None, None, True
-        s_start, s_last = self._attack_scores(stream, (st.start, st.delta), autocast)
-        if s_last >= s_start:
+        (s_start, s_last), gain, se = self._attack_scores(stream, (st.start, st.delta), autocast)
+        if gain > 2 * se:
             return st.delta, s_start, s_last, True
         return st.start, s_start, s_start, False
 
-    def _attack_scores(self, stream, deltas, autocast) -> list[float]:
+    def _attack_scores(self, stream, deltas, autocast) -> tuple[list[float], float, float]:
         """The attack objective of each of ``deltas`` over the attack data (the samples the stream
         keeps), summed over all processes' shares: mean ``D(I(x), I(x + delta))`` minus
         ``preserve_labels`` x the mean cross-entropy of ``f(x + delta)``; the real network, no
-        smoothing noise, smoothgrad's draws shared by the clean and every perturbed map."""
+        smoothing noise, smoothgrad's draws shared by the clean and every perturbed map. Also the
+        mean per-sample gain of the last delta over the first and its standard error."""
         s, mu = self.spec, self.preserve_labels
 
         def maps(x, y, noise):
@@ -314,28 +318,32 @@ class UPIGrad:
                 x, y, ref = x[keep], y[keep], ref[keep]
                 noise = None if noise is None else noise[:, keep]
             if x.shape[0] == 0:
-                return [0.0] * len(deltas), 0
-            vals = []
+                return [0.0] * len(deltas), 0, 0.0, 0.0
+            per = []
             for d in deltas:
                 xd = x + d.to(x.dtype)
-                v = float(dissimilarity_fn(maps(xd, y, noise), ref, s.dissimilarity, k=s.k).sum())
+                v = dissimilarity_fn(maps(xd, y, noise), ref, s.dissimilarity, k=s.k).double()
                 if mu > 0:
                     with torch.no_grad(), autocast():
-                        v -= mu * float(torch.nn.functional.cross_entropy(self.model(xd).float(), y, reduction="sum"))
-                vals.append(v)
-            return vals, int(x.shape[0])
+                        v = v - mu * torch.nn.functional.cross_entropy(self.model(xd).float(), y, reduction="none").double()
+                per.append(v)
+            diff = per[-1] - per[0]
+            return [float(v.sum()) for v in per], int(x.shape[0]), float(diff.sum()), float((diff * diff).sum())
 
-        sums, n = [0.0] * len(deltas), 0
+        sums, n, dsum, dsq = [0.0] * len(deltas), 0, 0.0, 0.0
         for batch in stream.epoch(0, maps=False):
             if not batch.n:
                 continue
             gen = torch.Generator(device=batch.x.device).manual_seed(
                 derive_seed(self.seed, _SALT_SCORES, batch.index, stream.comm.rank))
-            for _, _, (vals, c) in self._micro.run(lambda lo, hi: part(batch.x[lo:hi], batch.y[lo:hi], gen), batch.n,
-                                                   "the attack scores", generators=(gen,)):
-                sums, n = [a + b for a, b in zip(sums, vals)], n + c
-        *sums, n = stream.comm.sum_floats(*sums, n)
-        return [v / max(n, 1) for v in sums]
+            for _, _, (vals, c, ds, dq) in self._micro.run(lambda lo, hi: part(batch.x[lo:hi], batch.y[lo:hi], gen),
+                                                           batch.n, "the attack scores", generators=(gen,)):
+                sums, n, dsum, dsq = [a + b for a, b in zip(sums, vals)], n + c, dsum + ds, dsq + dq
+        *sums, n, dsum, dsq = stream.comm.sum_floats(*sums, n, dsum, dsq)
+        n = max(n, 1)
+        gain = dsum / n
+        var = max(dsq / n - gain * gain, 0.0) * n / max(n - 1, 1)  # sample variance of the per-sample gains
+        return [v / n for v in sums], gain, math.sqrt(var / n)
 
     def _config(self, stream) -> dict:
         """What must match to resume a checkpoint."""
