@@ -312,15 +312,23 @@ def _evaluate_split(model, delta, dataset, idx, cfg, dev, comm: Comm, batch_size
     return {**{m: v / n_all for m, v in zip(names, sums)}, "n": n_all, "n_total": total}
 
 
-def _compute(cfg: ComputeConfig, comm: Comm, log) -> dict:
-    t0 = time.perf_counter()
-    dataset, model, dev = _load(cfg, log)
+def split_and_budget(cfg: ComputeConfig, dataset) -> tuple:
+    """``(attack indices, eval indices, attack loader, input shape (C, H, W), eps in model units)``
+    of a run: the seeded attack / evaluation split and the budget (``--eps``, or ``--eps-pixels``
+    converted for the input shape)."""
     with _blame("--attack-samples/--eval-samples", ()):
         att_idx, ev_idx = split_indices(len(dataset), cfg.attack_samples, cfg.eval_samples, cfg.seed)
     attack = make_loader(dataset, att_idx, cfg.batch_size, workers=cfg.workers, seed=cfg.seed)
     with _blame("--data", ()):
         shape = tuple(dataset[int(att_idx[0])][0].shape)
     eps = cfg.eps if cfg.eps is not None else eps_from_pixels(cfg.eps_pixels, cfg.norm, shape)
+    return att_idx, ev_idx, attack, shape, eps
+
+
+def _compute(cfg: ComputeConfig, comm: Comm, log) -> dict:
+    t0 = time.perf_counter()
+    dataset, model, dev = _load(cfg, log)
+    att_idx, ev_idx, attack, shape, eps = split_and_budget(cfg, dataset)
     log(f"{len(dataset)} images {shape}; attack {len(att_idx)}, eval {len(ev_idx)}; eps = {eps:.4g} "
         f"({'L2' if cfg.norm == 2 else 'Linf'}, pixel units)")
     if comm.active:

@@ -18,7 +18,6 @@ import time
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from . import io, viz
-from .data import make_loader, split_indices
 from .report import format_eps, samples_line
 
 if TYPE_CHECKING:
@@ -95,7 +94,7 @@ def transfer(cfg: "ComputeConfig", models: Sequence[tuple[str, str | None]],
 
     Errors are tagged with the command-line option they concern (``--models`` for one model's).
     """
-    from .pipeline import _blame, _check_config, _device, _evaluate_fitting, _model, _open, eps_from_pixels
+    from .pipeline import _blame, _check_config, _device, _evaluate_fitting, _model, _open, split_and_budget
     from .models import model_name
     from .solvers.baselines import universal_random
     from .sweep import universal_delta
@@ -115,12 +114,7 @@ def transfer(cfg: "ComputeConfig", models: Sequence[tuple[str, str | None]],
     for (spec, weights), label in zip(models, labels):
         with _as_models_error(label):
             nets.append(_model(spec, weights, cfg.num_classes, cfg.mean, cfg.std).to(dev).eval())
-    with _blame("--attack-samples/--eval-samples", ()):
-        att_idx, ev_idx = split_indices(len(dataset), cfg.attack_samples, cfg.eval_samples, cfg.seed)
-    attack = make_loader(dataset, att_idx, cfg.batch_size, workers=cfg.workers, seed=cfg.seed)
-    with _blame("--data", ()):
-        shape = tuple(dataset[int(att_idx[0])][0].shape)
-    eps = cfg.eps if cfg.eps is not None else eps_from_pixels(cfg.eps_pixels, cfg.norm, shape)
+    att_idx, ev_idx, attack, shape, eps = split_and_budget(cfg, dataset)
     method = {"grad": "UPI-Grad", "pca": "UPI-PCA", "pca+": "PCA+"}[cfg.method]
     log(f"transfer: {len(models)} models, {len(dataset)} images {shape}; attack {len(att_idx)}, eval {len(ev_idx)}; "
         f"{method}, eps = {format_eps(eps)} ({'L2' if cfg.norm == 2 else 'Linf'}, pixel units)")

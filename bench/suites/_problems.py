@@ -79,3 +79,18 @@ def cuda_peak_mb(fn: Callable, device) -> float:
     fn()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def fit_model(device: str, smoke: bool):
+    """``(model, input shape, batch)`` of the whole-fit benchmarks: torchvision ResNet-18 (random
+    weights, 10 classes) at 64x64 in batches of 64, or the digits CNN at 16x16 in batches of 16 for a
+    smoke run; seeded, eval mode, on ``device``."""
+    import torchvision
+
+    from upi_fast.models import build_digits_cnn
+    torch.manual_seed(0)
+    if smoke:
+        model, shape, batch = build_digits_cnn(16), (1, 16, 16), 16
+    else:
+        model, shape, batch = torchvision.models.resnet18(num_classes=10), (3, 64, 64), 64
+    return model.to(device).eval(), shape, batch

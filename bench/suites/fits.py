@@ -38,15 +38,8 @@ _COLUMNS = ["case", "contender", "median_s", "min_s", "max_s", "in_gradients", "
 
 
 def _problem(device: str, quick: bool, smoke: bool):
-    import torchvision
-
-    from upi_fast.models import build_digits_cnn
-    torch.manual_seed(0)
-    if smoke:
-        model, shape, batch = build_digits_cnn(16), (1, 16, 16), 16
-    else:
-        model, shape, batch = torchvision.models.resnet18(num_classes=10), (3, 64, 64), 64
-    model = model.to(device).eval()
+    from ._problems import fit_model
+    model, shape, batch = fit_model(device, smoke)
     X = torch.randn(256, *shape, generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         Y = model(X).argmax(1)

@@ -69,16 +69,9 @@ def _pieces(model, x, y, I_ref):
 
 
 def run(quick: bool = False, device: str = "cpu", smoke: bool = False, images: int = 128) -> dict:
-    import torchvision
-
-    from upi_fast.models import build_digits_cnn
+    from ._problems import fit_model
     t0 = time.perf_counter()
-    torch.manual_seed(0)
-    if smoke:
-        model, shape, batch = build_digits_cnn(16), (1, 16, 16), 16
-    else:
-        model, shape, batch = torchvision.models.resnet18(num_classes=10), (3, 64, 64), 64
-    model = model.to(device).eval()
+    model, shape, batch = fit_model(device, smoke)
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         y = model(x).argmax(1)
