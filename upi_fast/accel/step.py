@@ -226,8 +226,8 @@ class FastStep:
             with self._autocast():
                 loss, grad = _loss_grad(self.model_, self._layout(x), y, I_ref, self._layout(delta), self.spec,
                                         mode, 0.0, generator, self.fd_step)
-            if mode == AUTO:
-                self.hvp_ = resolve_hvp(self.model_, self._layout((x + delta).detach()), self.spec, AUTO)
+            if mode == AUTO:  # the verdict _loss_grad just cached (keyed by dtype and device: x serves)
+                self.hvp_ = resolve_hvp(self.model_, x, self.spec, AUTO)
             out = loss, grad
         else:
             self._setup_compile()

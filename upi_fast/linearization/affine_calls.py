@@ -115,7 +115,10 @@ for _f in _fns("torch.where", "T.where"):
     _AFFINE[_f] = _aff_where
 for _f in _fns("T.masked_fill", "T.masked_fill_", "torch.masked_fill"):
     _AFFINE[_f] = _aff_masked_fill
-for _f in _fns("torch.addmm", "T.addmm", "torch.addmv", "T.addmv", "torch.baddbmm", "T.baddbmm", "torch.addbmm"):
+#: ``beta * input + alpha * (m1 @ m2)`` calls: the constant addend dropped, one tracked factor at most.
+_ADDMM_LIKE = frozenset(_fns("torch.addmm", "T.addmm", "torch.addmv", "T.addmv", "torch.baddbmm", "T.baddbmm",
+                             "torch.addbmm"))
+for _f in _ADDMM_LIKE:
     _AFFINE[_f] = _aff_addmm
 _AFFINE[_T.__setitem__] = _aff_setitem
 _AFFINE[_T.copy_] = _aff_copy
@@ -130,7 +133,7 @@ for _f in _fns("torch.cat", "torch.concat", "torch.concatenate", "torch.stack", 
     _AFFINE_TRACKABLE[_f] = None
 for _f in _fns("torch.where", "T.where"):
     _AFFINE_TRACKABLE[_f] = (1, 2)
-for _f in _fns("torch.addmm", "T.addmm", "torch.addmv", "T.addmv", "torch.baddbmm", "T.baddbmm", "torch.addbmm"):
+for _f in _ADDMM_LIKE:
     _AFFINE_TRACKABLE[_f] = (1, 2)
 _AFFINE_TRACKABLE[_T.__setitem__] = (0, 2)
 _AFFINE_TRACKABLE[_T.copy_] = (0, 1)

@@ -100,13 +100,11 @@ _LINEAR = set(_fns(
     "torch.tril", "torch.triu", "torch.neg", "torch.negative", "torch.positive", "torch.trace", "torch.clone",
     "torch.repeat_interleave", "torch.broadcast_to", "T.broadcast_to", "torch.atleast_2d",
     "F.avg_pool1d", "F.avg_pool2d", "F.avg_pool3d", "torch.avg_pool1d", "F.adaptive_avg_pool1d",
-    "F.adaptive_avg_pool2d", "F.adaptive_avg_pool3d", "torch.adaptive_avg_pool1d", "F.lp_pool1d",
+    "F.adaptive_avg_pool2d", "F.adaptive_avg_pool3d", "torch.adaptive_avg_pool1d",
     "F.interpolate", "F.upsample", "F.upsample_nearest", "F.upsample_bilinear", "F.pixel_shuffle",
     "F.pixel_unshuffle", "torch.pixel_shuffle", "torch.pixel_unshuffle", "F.channel_shuffle",
     "torch.channel_shuffle", "torch.native_channel_shuffle", "F.unfold", "F.fold", "F.grid_sample",
     "F.affine_grid"))
-_LINEAR.discard(None)
-_LINEAR.discard(_fns("F.lp_pool1d")[0] if _fns("F.lp_pool1d") else None)  # p-norm pooling is not linear
 _META_ARGS = set(_fns("T.view_as", "T.reshape_as", "T.expand_as", "T.type_as", "T.to"))
 """Linear calls whose other tensor argument is read only for its shape / dtype."""
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 import torch.utils.weak
 from torch.overrides import TorchFunctionMode
 
-from .affine_calls import _AFFINE, _AFFINE_NAMES, _AFFINE_TRACKABLE, _batch_norm_stats
-from .calls import NotPiecewiseLinearError, _CONSTANT, _DROPOUT, _FACTORIES, _LINEAR, _META, _META_ARGS, _MULTILINEAR, _NUMERATOR, _RANDOM, _READS, _T, _arg, _fns, _name, _tensors
+from .affine_calls import _ADDMM_LIKE, _AFFINE, _AFFINE_NAMES, _AFFINE_TRACKABLE, _batch_norm_stats
+from .calls import NotPiecewiseLinearError, _CONSTANT, _DROPOUT, _FACTORIES, _LINEAR, _META, _META_ARGS, _MULTILINEAR, _NUMERATOR, _RANDOM, _READS, _T, _arg, _name, _tensors
 from .piecewise_calls import _Entry, _PIECEWISE, _PIECEWISE_INPLACE, _act_inplace, _apply, _inplace_name
 
 # ----------------------------------------------------------------------------------------------
@@ -88,8 +88,7 @@ class _Pass(TorchFunctionMode):
                     if i not in allowed:
                         self._refuse(func, f"with a tensor that depends on the input as argument {p!r} (only "
                                            f"arguments {allowed} may; e.g. a convolution's weight must be constant)")
-            if func in _fns("torch.addmm", "T.addmm", "torch.addmv", "T.addmv", "torch.baddbmm", "T.baddbmm",
-                            "torch.addbmm") and len(tracked) > 1:
+            if func in _ADDMM_LIKE and len(tracked) > 1:
                 self._refuse(func, "multiplies two tensors that both depend on the input (not linear)")
             return self._affine(func, args, kwargs)
         if func in _DROPOUT:
