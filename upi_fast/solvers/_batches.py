@@ -59,6 +59,7 @@ class Batch:
         slots: (b,) int64 positions of these samples in the global batch.
         counts: kept samples of every rank in this global batch (rank order).
         rank: this process's rank.
+        rows: (b,) positions of these samples in the stream's cache (cached tensors; None otherwise).
     """
     index: int
     size: int
@@ -68,6 +69,7 @@ class Batch:
     slots: torch.Tensor
     counts: list[int]
     rank: int = 0
+    rows: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -106,11 +108,6 @@ def _nothing_to_attack(zero_maps: float) -> ValueError:
     return ValueError("the model classifies none of the samples in data correctly, so there is no saliency map of "
                       "the true class to attack (only correctly classified samples are used): untrained weights, "
                       "wrong normalisation, or classes in another order than the model's?")
-
-
-def _nonzero_rows(maps: torch.Tensor) -> torch.Tensor:
-    """(B,) mask of the maps that are not identically zero."""
-    return (maps != 0).any(1)
 
 
 def _as_tensors(data):
@@ -312,7 +309,7 @@ class CleanBatches:
         I_ref = None
         if maps and x.shape[0]:
             I_ref = self.clean_maps(x, y, self.smoothgrad_generator(epoch, k))
-            nz = _nonzero_rows(I_ref)
+            nz = (I_ref != 0).any(1)  # maps not identically zero
             if not bool(nz.all()):  # no interpretation to attack: dropped like a misclassified sample
                 self._zero_maps += int((~nz).sum())
                 x, y, I_ref, slots = x[nz], y[nz], I_ref[nz], slots[nz.cpu()]
@@ -345,7 +342,7 @@ class CleanBatches:
                     n_classes = self._n_classes
                 else:
                     m = m[keep]
-                nz = _nonzero_rows(m)
+                nz = (m != 0).any(1)
                 if not bool(nz.all()):  # no interpretation to attack: dropped like a misclassified sample
                     zero_maps += int((~nz).sum())
                     keep = keep.clone()
@@ -401,9 +398,10 @@ class CleanBatches:
             self._state = self._cache_state(X, Y)
             _LIVE_CACHES[key] = self
 
-    def _cached_epoch(self, epoch: int, start: int, maps: bool) -> Iterator[Batch]:
+    def _cached_epoch(self, epoch: int, start: int, maps: bool, shuffle: bool | None = None) -> Iterator[Batch]:
         Xc, Yc, Mc = self._cache
-        order = epoch_order(self.n_correct, self.seed, epoch, self.shuffle).to(self.device)
+        shuffle = self.shuffle if shuffle is None else shuffle
+        order = epoch_order(self.n_correct, self.seed, epoch, shuffle).to(self.device)
         for k, idx in enumerate(global_batches(order, self.batch_size)):
             if k < start:
                 continue
@@ -412,7 +410,12 @@ class CleanBatches:
             lo, hi = shard_bounds(s, self.comm.world, self.comm.rank)
             mine = idx[lo:hi]
             yield Batch(k, s, Xc[mine], Yc[mine], Mc[mine] if maps else None, torch.arange(lo, hi), counts,
-                        self.comm.rank)
+                        self.comm.rank, mine)
+
+    def in_order(self) -> Iterator[Batch]:
+        """Cached tensors only: this rank's shares of the cache in row order (what epoch 0 of an
+        unshuffled stream over the same cache gives every rank), with the clean maps and ``rows``."""
+        return self._cached_epoch(0, 0, True, shuffle=False)
 
     # -- map-style loaders (and uncached tensors) ---------------------------------------------------
     def _init_indexed(self, tensors) -> None:

@@ -26,16 +26,14 @@ from .._checks import DeviceLike, ModelLike, NormLike, check_choice, check_model
 from ..checkpoint import generator_state, set_generator_state
 from ..distributed import current
 from ..hvp import _loss_grad
-from ..data import derive_seed
-from ..dissimilarity import dissimilarity as dissimilarity_fn
 from ..projection import project, random_in_ball, steepest_step
-from ..saliency import postprocess_maps, raw_gradient
 from ._batches import CleanBatches, batch_noise
 from ._common import (DataLike, FastLike, SurrogateLike, autocast_factory, autograd_errors, check_common,
                       check_fast, check_flag, check_hvp, check_precision, default_noise_std, make_spec, resolve_device,
                       spec_fields, surrogate_context)
 from ._early_stop import check_early_stop, epoch_objectives, should_stop
 from ._fast import FastSteps, fast_config
+from ._final_choice import choose
 from ._microbatch import MicroBatcher
 from ._state import RunCheckpoints, check_checkpoint_args
 from .upi_pca import UPIPCA
@@ -49,7 +47,6 @@ INITS = ("pca", "random")
 #: explore the ball from a random point, small ones that refine the UPI-PCA start (chosen by 2-fold
 #: cross-validation inside the digits attack split, never on the evaluation split).
 _LR_FRACTION = {"random": 0.5, "pca": 0.02}
-_SALT_SCORES = 0x5343  # smoothgrad draws of the final attack scores: derive_seed(seed, salt, batch, rank)
 
 
 class UPIGrad:
@@ -248,7 +245,9 @@ class UPIGrad:
                     if self.patience is not None and should_stop(st.epoch_history(), self.patience,
                                                                  self.min_delta, comm):
                         break
-            delta, self.start_score_, self.score_, self.refined_ = self._choose(st, stream, autocast)
+            delta, self.start_score_, self.score_, self.refined_ = choose(self, st.delta, st.start, stream, autocast,
+                                                                          self._start_values)
+            self._start_values = None
             delta = comm.broadcast_(delta.clone())
         self.delta_ = delta.detach().float().cpu()
         self.start_ = start.detach().float().cpu().clone()
@@ -265,6 +264,7 @@ class UPIGrad:
     def _start(self, data, stream, gen, device, found) -> torch.Tensor:
         """The first iterate: a random point of the ball, the start a resumed run began from, or the
         UPI-PCA perturbation of ``data`` (same settings; every process gets the same one)."""
+        self._start_values = None
         if self.init == "random":
             return random_in_ball(stream.input_shape, self.eps, self.norm, generator=gen, device=device)
         if found is not None:
@@ -280,70 +280,8 @@ class UPIGrad:
                      seed=self.seed, device=device, progress=self.progress, hvp=self.hvp, surrogate=self.surrogate,
                      saliency_kwargs=self.saliency_kwargs, fd_step=self.fd_step, precision=self.precision,
                      oom_retry=self.oom_retry, fast=self.fast, solver=solver, sketch_kwargs=sketch).fit(data)
+        self._start_values = pca._sign_values  # the start's per-sample losses, for the final choice
         return pca.delta_.to(device, torch.float32)
-
-    def _choose(self, st: "_GradState", stream, autocast) -> tuple[torch.Tensor, float | None, float | None, bool]:
-        """``(delta, start score, score of delta, refined)``: with a UPI-PCA start, the last iterate
-        when it beats the start on the attack data by more than the noise of that comparison (a
-        paired test over the samples: mean per-sample gain above 2 standard errors), else the start;
-        with a random start the last iterate. The margin keeps a gain that is within the sampling
-        noise of the attack split from being taken for one (it does not carry over to new images)."""
-        if st.start is None:
-            return st.delta, None, None, True
-        (s_start, s_last), gain, se = self._attack_scores(stream, (st.start, st.delta), autocast)
-        if gain > 2 * se:
-            return st.delta, s_start, s_last, True
-        return st.start, s_start, s_start, False
-
-    def _attack_scores(self, stream, deltas, autocast) -> tuple[list[float], float, float]:
-        """The attack objective of each of ``deltas`` over the attack data (the samples the stream
-        keeps), summed over all processes' shares: mean ``D(I(x), I(x + delta))`` minus
-        ``preserve_labels`` x the mean cross-entropy of ``f(x + delta)``; the real network, no
-        smoothing noise, smoothgrad's draws shared by the clean and every perturbed map. Also the
-        mean per-sample gain of the last delta over the first and its standard error."""
-        s, mu = self.spec, self.preserve_labels
-
-        def maps(x, y, noise):
-            with autocast():
-                g = raw_gradient(self.model, x, y, s.method, s.target_kind, False, s.steps, s.baseline,
-                                 s.multiply_by_input, s.smoothgrad_std, s.n_samples, None, noise,
-                                 integration=s.integration)
-            return postprocess_maps(g, s.postprocess).to(x.dtype)
-
-        def part(x, y, gen):
-            noise = s.draw_noise(x, gen)
-            ref = maps(x, y, noise)
-            keep = (ref != 0).any(1)  # samples without an interpretation are left out, as in the attack
-            if not bool(keep.all()):
-                x, y, ref = x[keep], y[keep], ref[keep]
-                noise = None if noise is None else noise[:, keep]
-            if x.shape[0] == 0:
-                return [0.0] * len(deltas), 0, 0.0, 0.0
-            per = []
-            for d in deltas:
-                xd = x + d.to(x.dtype)
-                v = dissimilarity_fn(maps(xd, y, noise), ref, s.dissimilarity, k=s.k).double()
-                if mu > 0:
-                    with torch.no_grad(), autocast():
-                        v = v - mu * torch.nn.functional.cross_entropy(self.model(xd).float(), y, reduction="none").double()
-                per.append(v)
-            diff = per[-1] - per[0]
-            return [float(v.sum()) for v in per], int(x.shape[0]), float(diff.sum()), float((diff * diff).sum())
-
-        sums, n, dsum, dsq = [0.0] * len(deltas), 0, 0.0, 0.0
-        for batch in stream.epoch(0, maps=False):
-            if not batch.n:
-                continue
-            gen = torch.Generator(device=batch.x.device).manual_seed(
-                derive_seed(self.seed, _SALT_SCORES, batch.index, stream.comm.rank))
-            for _, _, (vals, c, ds, dq) in self._micro.run(lambda lo, hi: part(batch.x[lo:hi], batch.y[lo:hi], gen),
-                                                           batch.n, "the attack scores", generators=(gen,)):
-                sums, n, dsum, dsq = [a + b for a, b in zip(sums, vals)], n + c, dsum + ds, dsq + dq
-        *sums, n, dsum, dsq = stream.comm.sum_floats(*sums, n, dsum, dsq)
-        n = max(n, 1)
-        gain = dsum / n
-        var = max(dsq / n - gain * gain, 0.0) * n / max(n - 1, 1)  # sample variance of the per-sample gains
-        return [v / n for v in sums], gain, math.sqrt(var / n)
 
     def _config(self, stream) -> dict:
         """What must match to resume a checkpoint."""

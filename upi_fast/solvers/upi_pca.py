@@ -17,6 +17,7 @@ import contextlib
 import math
 import os
 import time
+import weakref
 
 import torch
 from tqdm.auto import tqdm
@@ -176,7 +177,9 @@ class UPIPCA:
         summed over all processes' shares. Fixed costs cut: the clean maps the stream holds are the
         real network's (no surrogate, no smoothgrad draws) on cached tensors, so they are reused rather
         than computed again; the maps run through the fit's prepared copy when there is one (the same
-        function to float rounding, BatchNorm folded)."""
+        function to float rounding, BatchNorm folded). When reused, the per-sample losses of both
+        signs are kept by cache row (``_sign_values``: NaN for rows another process scored) for a
+        caller that needs them again (UPIGrad's final choice compares its last iterate with them)."""
         tot_p = tot_m = 0.0
         n = 0
         s = self.spec
@@ -184,6 +187,8 @@ class UPIPCA:
         reuse = real and stream.kind == "cached" and not s.stochastic
         step = getattr(self._fast, "step", None)
         net = step.model_ if real and step is not None else self.model
+        per = (torch.full((2, stream.n_correct), math.nan, dtype=torch.float64, device=cand.device)
+               if reuse else None)
 
         def maps(x, y):
             with self._autocast():
@@ -191,30 +196,35 @@ class UPIPCA:
                                  s.multiply_by_input, integration=s.integration)
                 return postprocess_maps(g, s.postprocess)
 
-        def part(x, y, ref=None) -> tuple[float, float, int]:
+        def part(x, y, ref=None, rows=None) -> tuple[float, float, int]:
             ref = maps(x, y) if ref is None else ref
             nz = (ref != 0).any(1)  # samples without an interpretation are left out, as in the attack
             if not bool(nz.any()):
                 return 0.0, 0.0, 0
             if not bool(nz.all()):
                 x, y, ref = x[nz], y[nz], ref[nz]
+                rows = None if rows is None else rows[nz]
             vals = []
-            for sign in (1, -1):
+            for j, sign in enumerate((1, -1)):
                 adv = maps(x + sign * cand.to(x.dtype), y)
-                vals.append(float(dissimilarity_fn(adv.to(x.dtype), ref.to(x.dtype), s.dissimilarity, k=s.k).sum()))
+                v = dissimilarity_fn(adv.to(x.dtype), ref.to(x.dtype), s.dissimilarity, k=s.k)
+                if rows is not None:
+                    per[j, rows.to(per.device)] = v.detach().double()
+                vals.append(float(v.sum()))
             return vals[0], vals[1], int(x.shape[0])
 
         for batch in stream.epoch(0, maps=reuse):
             if not batch.n:
                 continue
-            x, y, I_ref = batch.x, batch.y, batch.I_ref
+            x, y, I_ref, rows = batch.x, batch.y, batch.I_ref, batch.rows if reuse else None
             for _, _, (p, m, c) in self._micro.run(
-                    lambda lo, hi: part(x[lo:hi], y[lo:hi], None if I_ref is None else I_ref[lo:hi]), batch.n,
-                    "the sign scores"):
+                    lambda lo, hi: part(x[lo:hi], y[lo:hi], None if I_ref is None else I_ref[lo:hi],
+                                        None if rows is None else rows[lo:hi]), batch.n, "the sign scores"):
                 tot_p += p
                 tot_m += m
                 n += c
         tot_p, tot_m, n = stream.comm.sum_floats(tot_p, tot_m, n)
+        self._sign_values = None if per is None else (weakref.ref(stream._cache[0]), per)  # no hold on the data
         return tot_p / max(n, 1), tot_m / max(n, 1)
 
     def _accumulators(self, solver: str, d: int, n: int, r: int, device):
@@ -296,6 +306,7 @@ class UPIPCA:
         return self
 
     def _fit(self, data, resume: bool, comm, device) -> None:
+        self._sign_values = None
         stream = CleanBatches(self.model, data, self.batch_size, self.spec, device, shuffle=False,
                               surrogate=self.surrogate, seed=self.seed, comm=comm, autocast=self._autocast,
                               micro=self._micro, net=getattr(getattr(self._fast, "step", None), "model_", None))
@@ -325,10 +336,10 @@ class UPIPCA:
                 for acc in (rows, lab):
                     if hasattr(acc, "close"):
                         acc.close()
-            cand = self._perturbation(v.to(device), shape)
+            cand = self._perturbation(v.to(device), shape).float()  # scored as returned: float32
             scores = self._sign_scores(stream, cand)
             sign = 1 if scores[0] >= scores[1] else -1
-            st.delta = comm.broadcast_((sign * cand).float().contiguous())
+            st.delta = comm.broadcast_((sign * cand).contiguous())
             st.end_round()
         self.delta_ = st.delta.detach().float().cpu()
         self.sign_ = sign
@@ -336,6 +347,8 @@ class UPIPCA:
         self.singular_values_ = S.detach().float().cpu()
         self.components_ = Vh.detach().float().cpu()
         self.n_samples_ = stream.n_correct if stream.n_correct else st.last_rows
+        if self._sign_values is not None:  # the chosen sign's per-sample losses, by cache row
+            self._sign_values = (self._sign_values[0], self._sign_values[1][0 if sign == 1 else 1])
 
     def __repr__(self) -> str:
         return (f"UPIPCA(eps={self.eps}, norm={self.norm}, saliency={self.saliency!r}, solver={self.solver!r}, "
