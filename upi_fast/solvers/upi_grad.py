@@ -214,8 +214,10 @@ class UPIGrad:
         autocast = autocast_factory(self.precision, device)
         self._micro = micro = MicroBatcher(self.oom_retry, self.batch_size, device)
         with eval_mode(self.model):
+            self._fast = FastSteps.for_solver(self)  # first: the clean maps run on its prepared copy too
             stream = CleanBatches(self.model, data, self.batch_size, self.spec, device, shuffle=True,
-                                  surrogate=self.surrogate, seed=self.seed, comm=comm, autocast=autocast, micro=micro)
+                                  surrogate=self.surrogate, seed=self.seed, comm=comm, autocast=autocast, micro=micro,
+                                  net=getattr(getattr(self._fast, "step", None), "model_", None))
             shape = stream.input_shape
             d = math.prod(shape)
             lr = self.lr if self.lr is not None else self._default_lr(d)
@@ -227,7 +229,6 @@ class UPIGrad:
             start = self._start(data, stream, gen, device, found)
             st = _GradState(start.clone(), _Adam(start) if self.optimizer == "adam" else None, gen,
                             None if self.init == "random" else start)
-            self._fast = FastSteps.for_solver(self)
             st.restore(found, device)
             total = self.epochs * stream.batches_per_epoch
             show = self.progress and comm.is_main
