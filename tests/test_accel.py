@@ -382,3 +382,47 @@ def test_upipca_fast_gives_the_reference_perturbation(plus_lambda):
     assert fast_run.sign_ == ref.sign_
     assert _rel(fast_run.delta_, ref.delta_) < 1e-5
     assert torch.allclose(fast_run.singular_values_, ref.singular_values_, rtol=1e-6)
+
+
+def test_stem_and_pool_pair_computes_in_channels_last_and_is_the_same_function(monkeypatch):
+    """A space-to-depth stem feeding a max pool through activations only is computed channels_last and
+    the pool returns NCHW (one layout change, on the pooled tensor): the same function and input
+    gradient as the unpaired copy (float64: to rounding) and as the model itself."""
+    from upi_fast.accel import prepare as PR
+    m = _bn_cnn(torch.float64)
+    paired = prepare_model(m)
+    assert paired.stem.channels_last_output and paired.pool.contiguous_output
+    monkeypatch.setattr(PR, "_pair_stem_and_pool", lambda model: 0)
+    plain = prepare_model(m)
+    assert not plain.stem.channels_last_output and not plain.pool.contiguous_output
+    x = torch.randn(4, 3, 16, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    h = paired.pool(torch.relu(paired.stem(x)))
+    assert h.is_contiguous()  # the rest of the network keeps its NCHW kernels
+    y = m(x).argmax(1)
+    grads = [U.saliency(net, x, y, postprocess="raw") for net in (paired, plain, m)]
+    assert grads[0].is_contiguous()
+    assert _rel(grads[0], grads[1]) < 1e-12 and _rel(grads[0], grads[2]) < 1e-12
+    torch.testing.assert_close(paired(x), m(x), rtol=1e-12, atol=1e-12)
+
+
+def test_stem_and_pool_are_not_paired_when_the_stem_output_is_used_elsewhere_or_the_model_is_channels_last():
+    class TwoUsers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.pool = nn.MaxPool2d(2)
+            self.fc = nn.Linear(4 * 4 * 4 + 4, 3)
+
+        def forward(self, x):
+            s = torch.relu(self.bn(self.stem(x)))
+            return self.fc(torch.cat([self.pool(s).flatten(1), s.mean((2, 3))], 1))
+
+    net = TwoUsers().eval()
+    p = prepare_model(net)
+    assert isinstance(p.stem, SpaceToDepthConv2d) and not p.stem.channels_last_output
+    assert not p.pool.contiguous_output
+    x = torch.randn(2, 3, 16, 16)
+    assert _rel(p(x), net(x)) < 1e-5
+    cl = prepare_model(_bn_cnn(), channels_last=True, pool_channels_last=True)
+    assert not cl.stem.channels_last_output and not cl.pool.contiguous_output

@@ -147,6 +147,9 @@ class SpaceToDepthConv2d(nn.Module):
         s, k = conv.stride[0], conv.kernel_size
         self.stride, self.padding, self.kernel_size = s, tuple(conv.padding), tuple(k)
         self.in_channels = conv.in_channels
+        #: compute in channels_last and return channels_last (set by :func:`prepare_model` when a
+        #: :class:`ChannelsLastMaxPool` follows that returns NCHW; see :func:`_pair_stem_and_pool`)
+        self.channels_last_output = False
         kp = tuple(-(-kk // s) for kk in k)
         w = conv.weight.detach()
         O, C = w.shape[:2]
@@ -176,7 +179,11 @@ class SpaceToDepthConv2d(nn.Module):
         kph, kpw = -(-kh // s), -(-kw // s)
         hp, wp = s * (ho - 1 + kph), s * (wo - 1 + kpw)
         xp = nn.functional.pad(x, (pw, wp - W - pw, ph, hp - H - ph))
-        xs = xp.reshape(B, C, hp // s, s, wp // s, s).permute(0, 1, 3, 5, 2, 4).reshape(B, C * s * s, hp // s, wp // s)
+        blocks = xp.reshape(B, C, hp // s, s, wp // s, s)
+        if self.channels_last_output:  # the same tensor stored NHWC (the copy is made either way)
+            xs = blocks.permute(0, 2, 4, 1, 3, 5).reshape(B, hp // s, wp // s, C * s * s).permute(0, 3, 1, 2)
+        else:
+            xs = blocks.permute(0, 1, 3, 5, 2, 4).reshape(B, C * s * s, hp // s, wp // s)
         return self.conv(xs)
 
 
@@ -193,10 +200,18 @@ class ChannelsLastMaxPool(nn.Module):
         super().__init__()
         self.pool = pool
 
+    #: a channels_last input is pooled as it is and the result returned NCHW (set by
+    #: :func:`prepare_model` for the pool after a channels_last stem; otherwise a channels_last input
+    #: stays channels_last, as in a channels_last model)
+    contiguous_output = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The wrapped pooling of ``x`` (B, C, H, W), computed in channels_last, returned contiguous."""
-        if x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
+        if x.dim() != 4:
             return self.pool(x)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            out = self.pool(x)
+            return _Relayout.apply(out, torch.contiguous_format) if self.contiguous_output else out
         return _Relayout.apply(self.pool(_Relayout.apply(x, torch.channels_last)), torch.contiguous_format)
 
 
@@ -289,6 +304,8 @@ def prepare_model(model: nn.Module, *, fold_bn: bool = True, channels_last: bool
         _replace_modules(out, SpaceToDepthConv2d.applies, SpaceToDepthConv2d)
     if pool_channels_last:
         _replace_modules(out, lambda m: isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)), ChannelsLastMaxPool)
+    if stem_space_to_depth and pool_channels_last and not channels_last:
+        _pair_stem_and_pool(out)
     if freeze:
         for p in out.parameters():
             p.requires_grad_(False)
@@ -296,6 +313,50 @@ def prepare_model(model: nn.Module, *, fold_bn: bool = True, channels_last: bool
         out = out.to(memory_format=torch.channels_last)
     return out.eval()
 
+
+
+_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Identity)
+_ELEMENTWISE_CALLS = (torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu6, nn.functional.leaky_relu,
+                      nn.functional.hardtanh)
+
+
+def _elementwise(node, mods: dict) -> bool:
+    """Whether an fx node is an elementwise activation (module, function or method call)."""
+    if node.op == "call_module":
+        return isinstance(mods.get(node.target), _ELEMENTWISE)
+    if node.op == "call_function":
+        return node.target in _ELEMENTWISE_CALLS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _pair_stem_and_pool(model: nn.Module) -> int:
+    """Where a :class:`SpaceToDepthConv2d` feeds a :class:`ChannelsLastMaxPool` (through elementwise
+    activations only, nothing else using the values on the way), compute the stem in channels_last and
+    let the pool return NCHW: the layout change then happens once, on the pooled tensor (4 x smaller
+    for a 3 x 3 / 2 pool), instead of on the stem's output (measured on ResNet-18 at 64 x 64, batch
+    64, 2 threads: map pass 164 -> 155 ms, piecewise-linear step 336 -> 314 ms). Needs an fx graph
+    (a folded model); returns the pairs made."""
+    graph = getattr(model, "graph", None)
+    if graph is None:
+        return 0
+    mods = dict(model.named_modules())
+    n = 0
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(node.target), SpaceToDepthConv2d):
+            continue
+        cur = node
+        while len(cur.users) == 1:
+            nxt = next(iter(cur.users))
+            m = mods.get(nxt.target) if nxt.op == "call_module" else None
+            if isinstance(m, ChannelsLastMaxPool):
+                mods[node.target].channels_last_output = True
+                m.contiguous_output = True
+                n += 1
+                break
+            if not _elementwise(nxt, mods):
+                break
+            cur = nxt
+    return n
 
 
 # ------------------------------------------------------------------------------------------------
