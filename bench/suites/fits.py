@@ -13,7 +13,7 @@ rounding, and for UPI-Grad the better-of-start-and-last choice).
 Cases (CPU: torchvision ResNet-18, random weights, 10 classes, labels = the model's predictions):
 UPI-PCA (exact SVD) on 128 images, batch 64; UPI-Grad (default: UPI-PCA start) on 128 images, one
 epoch of batch 64 (2 steps); the same with ``init="random"``; UPI-Grad on 256 images, 2 epochs of
-batch 64 (8 steps). ``--quick``: the three short cases, two rounds; ``--smoke``: the digits CNN.
+batch 64 (8 steps); UPI-PCA on 512 images (how the one-off costs amortise). ``--quick``: the three short cases, two rounds; ``--smoke``: the digits CNN.
 
     python -m bench.suites.fits [--quick] [--device cpu|cuda] [--threads N] [--no-save]
 """
@@ -33,14 +33,14 @@ NAIVE, DEFAULT, GRAD = "naive batched loop (double backward)", "package default 
 #: (name, kind, images, epochs)
 CASES = (("UPI-PCA, 128 images", "pca", 128, 1), ("UPI-Grad (PCA start), 128 images, 2 steps", "grad", 128, 1),
          ("UPI-Grad init='random', 128 images, 2 steps", "grad_random", 128, 1),
-         ("UPI-Grad (PCA start), 256 images, 8 steps", "grad", 256, 2))
+         ("UPI-Grad (PCA start), 256 images, 8 steps", "grad", 256, 2), ("UPI-PCA, 512 images", "pca", 512, 1))
 _COLUMNS = ["case", "contender", "median_s", "min_s", "max_s", "in_gradients", "speedup_vs_naive", "rel_diff"]
 
 
 def _problem(device: str, quick: bool, smoke: bool):
     from ._problems import fit_model
     model, shape, batch = fit_model(device, smoke)
-    X = torch.randn(256, *shape, generator=torch.Generator().manual_seed(1)).to(device)
+    X = torch.randn(max(n for _, _, n, _ in CASES), *shape, generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         Y = model(X).argmax(1)
     return model, X, Y, batch
