@@ -10,7 +10,8 @@ result is the solvers' to float rounding (:func:`bench.fits` reports the agreeme
 * :func:`naive_pca`: per-sample directions (double backward), rows L2-normalised, top right singular
   vector, the sign chosen by the mean dissimilarity on the attack data (the cached maps as reference);
 * :func:`naive_grad`: projected ascent from a start (UPI-PCA's, or a random point of the ball), then
-  the better of start and last iterate by the attack objective (``UPIGrad``'s ``init="pca"``).
+  (``UPIGrad``'s ``init="pca"``) the last iterate if its paired per-sample gain over the start on the
+  attack objective exceeds 2 standard errors, else the start.
 """
 from __future__ import annotations
 
@@ -53,12 +54,14 @@ def naive_step(model, x, y, I_ref, delta):
     return loss.detach(), g
 
 
+def _per_sample(model, X, Y, M, delta, batch):
+    """(n,) float64 dissimilarities of the maps at ``X + delta`` from the clean maps ``M``."""
+    return torch.cat([dissimilarity(_maps(model, X[i:i + batch] + delta, Y[i:i + batch]).detach(), M[i:i + batch],
+                                    "l2").double() for i in range(0, X.shape[0], batch)])
+
+
 def _score(model, X, Y, M, delta, batch):
-    tot = 0.0
-    for i in range(0, X.shape[0], batch):
-        x, y = X[i:i + batch], Y[i:i + batch]
-        tot += float(dissimilarity(_maps(model, x + delta, y).detach(), M[i:i + batch], "l2").sum())
-    return tot / X.shape[0]
+    return float(_per_sample(model, X, Y, M, delta, batch).mean())
 
 
 def naive_pca(model, X, Y, M, eps, batch, seed=0):
@@ -99,7 +102,9 @@ def naive_grad(model, X, Y, M, eps, batch, epochs, seed=0, start=None):
             step += 1
     if start is None:
         return delta
-    return delta if _score(model, X, Y, M, delta, batch) >= _score(model, X, Y, M, start, batch) else start
+    # the last iterate when its paired per-sample gain over the start exceeds 2 standard errors
+    gain = _per_sample(model, X, Y, M, delta, batch) - _per_sample(model, X, Y, M, start, batch)
+    return delta if float(gain.mean()) > 2 * float(gain.std()) / math.sqrt(gain.numel()) else start
 
 
 def naive_fit(kind, model, X, Y, eps, batch, epochs=1, seed=0):
