@@ -72,7 +72,7 @@ def naive_pca(model, X, Y, M, eps, batch, seed=0):
     rows = []
     for i in range(0, X.shape[0], batch):
         x, y = X[i:i + batch], Y[i:i + batch]
-        z = sigma * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        z = sigma * torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
         _, g = naive_step(model, x + z, y, M[i:i + batch], torch.zeros_like(x))
         g = g.reshape(x.shape[0], -1)
         rows.append(g / g.norm(dim=1, keepdim=True).clamp_min(1e-30))
@@ -95,7 +95,7 @@ def naive_grad(model, X, Y, M, eps, batch, epochs, seed=0, start=None):
     for epoch in range(epochs):
         for idx in global_batches(epoch_order(n, seed, epoch, True).to(X.device), batch):
             x, y, m = X[idx], Y[idx], M[idx]
-            z = sigma * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+            z = sigma * torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
             _, g = naive_step(model, x + z, y, m, delta)
             lr_t = lr / 25 + (lr - lr / 25) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
             delta = project(delta + lr_t * steepest_step(g / x.shape[0], 2), eps, 2).detach()
