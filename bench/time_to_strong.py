@@ -251,6 +251,7 @@ def plot(results: dict, path: str, n_seeds: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
     probs = list(results)
     fig, axes = plt.subplots(1, len(probs), figsize=(6.5 * len(probs), 4.8), squeeze=False)
     for ax, p in zip(axes[0], probs):
@@ -275,6 +276,9 @@ def plot(results: dict, path: str, n_seeds: int) -> None:
                     color=line.get_color(), ms=4, mfc="none" if style == "-" else None)
         ax.axhline(R["level"], color="k", lw=1, ls=":", label=f"95% of best ({R['level']:.3f})")
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 0.1, 0.2, 0.5, 1, 2, 5 s
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a short decade
         ax.set_xlabel("fit wall time [s] (evaluation excluded; log scale)")
         ax.set_ylabel("eval rel. L2 dissimilarity [dimensionless]")
         ax.set_title(p, fontsize=10)
