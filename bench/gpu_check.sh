@@ -6,7 +6,7 @@
 #   2. runs the GPU tests (pytest -m gpu: CUDA extension vs Triton vs PyTorch, float64 references,
 #      odd sizes, poisoned outputs) with the Triton kernels compiled and the extension required;
 #   3. times every op on the three backends side by side (bench.harness; same inputs per op);
-#   4. runs the benchmark suites (python -m bench --device cuda --quick, or each bench/suites/*.py);
+#   4. runs the benchmark suites one by one (python -m bench SUITE --device cuda --quick; each its cap);
 #   5. prints a short summary table last.
 # Full results (logs, pytest XML, JSON) go to $OUT when set, else bench/results/gpu_check-<time>/.
 # Each step runs under `timeout`; the steps share a budget (GPU_CHECK_BUDGET_S, default 450 s).
@@ -145,15 +145,12 @@ write_json(sys.argv[1], {"machine": machine_info(dev), "sizes": sizes, "rows": r
 PYEOF
 
 # --- 4. the benchmark suites ---------------------------------------------------------------------
-if [[ -f bench/__main__.py ]]; then
-  run_step bench_all 150 "$PY" -m bench --device cuda --quick
-else
-  for suite in bench/suites/*.py; do
-    name="$(basename "$suite" .py)"
-    [[ "$name" == "__init__" ]] && continue
-    run_step "suite_$name" 100 "$PY" -m "bench.suites.$name" --device cuda --quick
-  done
-fi
+# one step per suite, most wanted first (the step cost in plain gradients, whole fits against the naive
+# loop, the data path), so that a slow suite costs only its own cap and the budget decides what is left
+for entry in upi_grad:70 fits:70 data:80 hvp:40 fixed_costs:40 upi_pca:40 ops:30 svd:30; do
+  suite="${entry%%:*}" cap="${entry##*:}"
+  run_step "bench_$suite" "$cap" "$PY" -m bench "$suite" --device cuda --quick
+done
 # the suites write under bench/results/<date>-<device>/: keep a copy with the rest
 for d in bench/results/*/; do
   [[ "$(cd "$d" && pwd)" == "$OUT_DIR" || "$d" == *gpu_check-* ]] && continue
